@@ -1,0 +1,439 @@
+"""
+Pixel-SSR and its network DyPro-Mamba, in one file read top to bottom.
+
+Paper: "From Image- to Pixel-level: Label-efficient Hyperspectral Image Reconstruction"
+(Leng, Li, Xu, Song, 2025). Spectral super-resolution (SSR) turns an RGB image X into a
+31-band hyperspectral image (HSI, 400-700 nm). Pixel-SSR supervises it with only a handful of
+measured point spectra per scene (a spectrometer's worth), and feeds the network a sparse cube of
+Gamma-distributed "point spectra" so that it runs on new scenes where nothing was measured.
+
+What is here, in reading order (the paper's sections and equations):
+  - point spectra: fit_gamma, sample_points                          Sec. 3.1, Eq. (2)-(3)
+  - building blocks: LayerNorm2d, SpectralPrompt, SpectralAttention, FFN, PromptSSM
+  - DRPN, the Dynamic Receptive Prompt Neck                          Sec. 3.2.1, Eq. (4)-(7)
+  - DyProMamba, the U-shaped network of PromptSSMs                   Sec. 3.2.2, Eq. (8)-(9)
+  - losses                                                           Supp. Sec. 7, Eq. (14)-(15)
+  - metrics: rmse, psnr, psnr_bandwise, ssim, sam                    Supp. Sec. 6, Eq. (10)-(13)
+The FRFT lives in frft.py and the selective scan (M_scan, SS2D) in ssm.py.
+
+Glossary (code name = paper symbol):
+  rgb        = X, the RGB image (b, 3, h, w)            points = Y_g^p, Gamma point spectra (b, 31, h, w)
+  target     = Y^p, measured spectra at labelled pixels   mask   = the labelled pixels (b, 1, h, w)
+  hsi        = Y^r, the reconstructed HSI                 y3     = Y^3, DRPN's preliminary HSI
+  f1         = F_1, shallow RGB feature                   p_spa  = P_spa, Spa-FRFT prompt
+  p_hf       = P_hf, Spa-HF prompt                        p_spe  = P_spe, spectral prompt (heads, d, d)
+  srf        = S, the 3x31 spectral response (X = S.Y)    h2r    = M_H2R, HSI-to-RGB map of L_P2I
+  C          = cfg.width (the paper's B = 40)             ratio  = omega, the label ratio
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from frft import frft2
+from ssm import SS2D
+
+
+@dataclass
+class Config:
+    bands: int = 31                 # 400-700 nm in 10 nm steps, the CAVE / NTIRE convention
+    width: int = 40                 # C, feature width of DRPN and level 0 (paper Sec. 4.1: B = 40)
+    d_state: int = 16               # n of the PromptSSM scans, Mamba's default
+    expand: int = 2                 # SS2D inner width E = expand * width in the PromptSSMs, as VMamba
+    drpn_d_state: int = 4           # DRPN scans are light: the paper's whole DRPN is ~0.05 M params
+    drpn_expand: int = 1            # idem
+    heads: int = 1                  # spectral-attention heads at level 0, doubled at level 1 (MST++)
+    ffn_mult: int = 4               # FFN hidden width = ffn_mult * width
+    frft_order: float = 0.5         # initial learnable FRFT order: halfway between space and frequency
+    # ablation switches (paper Tables 3-6)
+    use_spa: bool = True            # P_spa, the Spa-FRFT prompt branch (Table 4)
+    use_hf: bool = True             # P_hf, the Spa-HF prompt branch (Table 4)
+    use_spe: bool = True            # P_spe, the spectral prompt handed to every PromptSSM (Table 4)
+    use_prompt_ssm: bool = True     # PromptSSM's prompted spectral attention; off = plain SS2D + FFN block (Table 4)
+    spa_transform: str = "frft"     # "frft" or "fft": the transform of the P_spa branch (Table 5)
+    points: str = "gamma"           # "gamma", "gaussian" or "zeros": the input point spectra (Table 3)
+
+
+# -----------------------------------------------------------------------------
+# Point spectra (Sec. 3.1)
+
+def fit_gamma(values) -> tuple[float, float]:
+    """Method-of-moments Gamma fit: alpha = m^2 / v, theta = v / m.
+
+    values: any array or tensor of non-negative spectral values (e.g. the labelled training spectra).
+    Returns (alpha, theta), the shape and scale of Gamma(alpha, theta).
+    """
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if v.numel() < 2:
+        raise ValueError(f"fit_gamma needs at least 2 values, got {v.numel()}")
+    if not torch.isfinite(v).all():
+        raise ValueError("fit_gamma got non-finite values (NaN or inf)")
+    if (v < 0).any():
+        raise ValueError(f"fit_gamma needs non-negative values, the smallest is {v.min().item():.3g}")
+    mean, var = v.mean().item(), v.var(unbiased=False).item()
+    if mean <= 0 or var <= 0:
+        raise ValueError(f"fit_gamma needs positive mean and variance, got mean {mean:.3g}, variance {var:.3g}")
+    return mean * mean / var, var / mean
+
+
+def num_points(h: int, w: int, ratio: float) -> int:
+    """Number of point spectra in an h x w image: max(1, floor(ratio.h.w)); ratio 0 uses 0.01 %."""
+    ratio = ratio if ratio > 0 else 1e-4  # the unsupervised mode still feeds the network its sparse input
+    return max(1, math.floor(ratio * h * w + 1e-9))  # + 1e-9: 0.0001 * 10000 must give 1, not 0
+
+
+def sample_points(shape, ratio: float, alpha: float, theta: float, generator: torch.Generator | None = None,
+                  dist: str = "gamma", device=None) -> torch.Tensor:
+    """The sparse point-spectra cube Y_g^p = Y_g (x) M of Eq. (2).
+
+    shape: (b, bands, h, w). Each image gets num_points(h, w, ratio) distinct random pixels whose
+    spectra are i.i.d. draws: Gamma(alpha, theta) ("gamma"), a Gaussian of the same mean and variance
+    ("gaussian", the paper's ablation; it can go negative, which is the point of the comparison),
+    or nothing ("zeros"). Everything else is zero. Returns a float32 tensor of `shape`.
+    The draws come from `generator` when given (evaluation fixes it by seed), else from torch's global RNG.
+    """
+    b, bands, h, w = shape
+    k = num_points(h, w, ratio)
+    out = torch.zeros(b, bands, h * w)
+    if dist != "zeros":
+        # torch's Gamma sampler takes no generator, so numpy draws the values from a seed taken from ours
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        rng = np.random.default_rng(seed)
+        if dist == "gamma":
+            vals = rng.gamma(alpha, theta, size=(b, bands, k))
+        elif dist == "gaussian":
+            vals = rng.normal(alpha * theta, math.sqrt(alpha) * theta, size=(b, bands, k))
+        else:
+            raise ValueError(f"unknown point distribution {dist!r}: use gamma, gaussian or zeros")
+        for i in range(b):
+            idx = torch.randperm(h * w, generator=generator)[:k]
+            out[i][:, idx] = torch.as_tensor(vals[i], dtype=torch.float32)
+    return out.view(b, bands, h, w).to(device)
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+def conv3(cin: int, cout: int) -> nn.Conv2d:
+    """The paper's M_3x3: a 3x3 convolution that keeps the spatial size."""
+    return nn.Conv2d(cin, cout, 3, padding=1)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (b, c, h, w) map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def channel_attention(q: torch.Tensor, k: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """MST-style spectral-wise self-attention map softmax(sigma . k^ q^T) per head.
+
+    q, k: (b, heads, d, L), L = pixels; sigma: (heads, 1, 1). Returns (b, heads, d, d), each row a
+    probability vector over channels. q and k are L2-normalised over pixels so the logits are
+    cosines, scaled by the learnable temperature sigma.
+    """
+    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    return torch.softmax(sigma * (k @ q.transpose(-2, -1)), dim=-1)
+
+
+class SpectralPrompt(nn.Module):
+    """P_spe for one PromptSSM: the spectral self-attention map of Y3 (Sec. 3.2.1, end).
+
+    Y3 is projected to the block's width (1x1 conv to q and k) and brought to the block's
+    resolution by average pooling; the result is a (b, heads, d, d) channel-mixing matrix.
+    """
+
+    def __init__(self, bands: int, width: int, heads: int, scale: int):
+        super().__init__()
+        self.heads, self.scale = heads, scale
+        self.qk = nn.Conv2d(bands, 2 * width, 1)
+        self.sigma = nn.Parameter(torch.ones(heads, 1, 1))
+
+    def forward(self, y3: torch.Tensor) -> torch.Tensor:
+        if self.scale > 1:
+            y3 = F.avg_pool2d(y3, self.scale)
+        b = y3.shape[0]
+        q, k = self.qk(y3).reshape(b, 2, self.heads, -1, y3.shape[-2] * y3.shape[-1]).unbind(1)  # (b, heads, d, L)
+        return channel_attention(q, k, self.sigma)
+
+
+class SpectralAttention(nn.Module):
+    """Prompt-guided spectral attention, Eq. (9): F3 = V . (P_spe . softmax(K^T Q)).
+
+    As the paper says: a linear layer, then three 3x3 convolutions give Q, K and V. We make the 3x3
+    convolutions depthwise (as Restormer and MST++ do): full 3x3 convs would cost 9.C^2 MACs per pixel
+    each and put the model ~70 % above the paper's 4.65 GFLOPs (Table 10); depthwise ones land near it.
+    In MST's channel-first layout Eq. (9) reads out = (P_spe @ A) @ v with A = softmax(sigma . k^ q^T)
+    over its last dim; P_spe and A are both row-stochastic, so their product still mixes channels
+    with weights that sum to one.
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.linear = nn.Conv2d(width, width, 1)
+        self.qkv = nn.Conv2d(width, 3 * width, 3, padding=1, groups=width)  # the three depthwise M_3x3 in one conv
+        self.sigma = nn.Parameter(torch.ones(heads, 1, 1))
+        self.proj = nn.Conv2d(width, width, 1)
+
+    def forward(self, x: torch.Tensor, p_spe: torch.Tensor | None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.linear(x))  # groups=c: conv channels 3i, 3i+1, 3i+2 are q_i, k_i, v_i
+        q, k, v = qkv.reshape(b, self.heads, c // self.heads, 3, h * w).unbind(3)  # (b, heads, d, L)
+        attn = channel_attention(q, k, self.sigma)  # (b, heads, d, d)
+        if p_spe is not None:
+            attn = p_spe @ attn  # Eq. (9): the prompt re-mixes the block's own channel attention
+        return self.proj((attn @ v).reshape(b, c, h, w))
+
+
+class FFN(nn.Module):
+    """1x1 up, GELU, depthwise 3x3, GELU, 1x1 down: the paper's 'efficient FFN' (as MST++)."""
+
+    def __init__(self, width: int, mult: int):
+        super().__init__()
+        hidden = mult * width
+        self.net = nn.Sequential(
+            nn.Conv2d(width, hidden, 1), nn.GELU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden), nn.GELU(),
+            nn.Conv2d(hidden, width, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class PromptSSM(nn.Module):
+    """One PromptSSM (Sec. 3.2.2): prompted spectral attention, a 2-D selective scan, an FFN.
+
+    Pre-norm residual block: x += SA(LN(x), P_spe); x += SS2D(LN(x)); x += FFN(LN(x)).
+    With cfg.use_prompt_ssm off the attention sub-layer is gone and it is a plain Mamba block.
+    """
+
+    def __init__(self, cfg: Config, width: int, heads: int):
+        super().__init__()
+        self.attn = SpectralAttention(width, heads) if cfg.use_prompt_ssm else None
+        self.norm1 = LayerNorm2d(width) if cfg.use_prompt_ssm else None
+        self.norm2, self.ssm = LayerNorm2d(width), SS2D(width, d_state=cfg.d_state, expand=cfg.expand)
+        self.norm3, self.ffn = LayerNorm2d(width), FFN(width, cfg.ffn_mult)
+
+    def forward(self, x: torch.Tensor, p_spe: torch.Tensor | None) -> torch.Tensor:
+        if self.attn is not None:
+            x = x + self.attn(self.norm1(x), p_spe)  # Eq. (9)
+        x = x + self.ssm(self.norm2(x))
+        return x + self.ffn(self.norm3(x))
+
+
+# -----------------------------------------------------------------------------
+# DRPN (Sec. 3.2.1)
+
+class SpaPrompt(nn.Module):
+    """Spa-FRFT prompt P_spa, Eq. (4): a scan in the spatial domain and one in the FRFT domain.
+
+    The FRFT of F1 is complex; it enters the second scan as 2C real channels [Re; Im], leaves as
+    2C, goes back by the inverse FRFT (order -a) and its real part is kept. The order a is learnable
+    (one for both axes). Its gradient is ~N.|x| (frft.py), large next to the conv weights, so the
+    parameter is stored divided by `order_scale` to bring its Adam steps in line with theirs.
+    cfg.spa_transform = "fft" swaps the FRFT for the plain unitary 2-D FFT (Table 5).
+    """
+
+    order_scale = 0.1  # order = order_scale * self.order; Adam moves parameters by ~lr per step regardless
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        c = cfg.width
+        self.use_frft = cfg.spa_transform == "frft"
+        if cfg.spa_transform not in ("frft", "fft"):
+            raise ValueError(f"spa_transform must be 'frft' or 'fft', got {cfg.spa_transform!r}")
+        self.order = nn.Parameter(torch.tensor(cfg.frft_order / self.order_scale)) if self.use_frft else None
+        self.scan_spa = SS2D(c, d_state=cfg.drpn_d_state, expand=cfg.drpn_expand)
+        self.scan_frft = SS2D(2 * c, d_state=cfg.drpn_d_state, expand=cfg.drpn_expand)
+        self.fuse = conv3(2 * c, c)
+
+    def transform(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """FRFT2 of order a (inverse: -a), or the unitary FFT2 in the ablation; complex out."""
+        if not self.use_frft:
+            return (torch.fft.ifft2 if inverse else torch.fft.fft2)(x, norm="ortho")
+        a = self.order * self.order_scale
+        return frft2(x, -a if inverse else a)
+
+    def forward(self, f1: torch.Tensor) -> torch.Tensor:
+        f_spa = self.scan_spa(f1)  # Eq. (4), F_Spa
+        z = self.transform(f1)  # (b, c, h, w) complex
+        z = self.scan_frft(torch.cat([z.real, z.imag], 1))  # (b, 2c, h, w), real
+        f_frft = self.transform(torch.complex(*z.chunk(2, 1)), inverse=True).real  # Eq. (4), F_FRFT
+        return self.fuse(torch.cat([f_spa, f_frft], 1)) * F.silu(f1)  # Eq. (4), P_spa
+
+
+class DRPN(nn.Module):
+    """Dynamic Receptive Prompt Neck: RGB + point spectra -> (Y3, [P_spe per PromptSSM]).
+
+    A switched-off branch (cfg.use_spa / use_hf) takes its fusing conv with it: Y2 = Y1, Y3 = Y2.
+    """
+
+    def __init__(self, cfg: Config, prompt_shapes: list[tuple[int, int, int]]):
+        super().__init__()
+        c, nb = cfg.width, cfg.bands
+        self.f1 = conv3(3, c)
+        self.spa = SpaPrompt(cfg) if cfg.use_spa else None
+        self.hf = nn.Sequential(conv3(c, c), nn.GELU(), conv3(c, c)) if cfg.use_hf else None
+        self.y1 = nn.Sequential(conv3(nb + 1, nb), nn.GELU(), conv3(nb, nb))
+        self.y2 = conv3(nb + c, nb) if cfg.use_spa else None
+        self.y3 = conv3(nb + c, nb) if cfg.use_hf else None
+        # one P_spe per PromptSSM: (width, heads, downsampling) of that block
+        self.spe = nn.ModuleList(SpectralPrompt(nb, w, h, s) for w, h, s in prompt_shapes) if cfg.use_spe else None
+
+    def forward(self, rgb: torch.Tensor, points: torch.Tensor):
+        f1 = self.f1(rgb)  # Eq. (4), (b, C, h, w)
+        x_m = rgb.mean(1, keepdim=True)  # Eq. (6), X_m
+        y = self.y1(torch.cat([points, x_m], 1))  # Eq. (6), Y1
+        if self.spa is not None:
+            y = self.y2(torch.cat([y, self.spa(f1)], 1))  # Eq. (7), Y2
+        if self.hf is not None:
+            h, w = f1.shape[-2:]
+            f2 = F.interpolate(F.avg_pool2d(f1, 2, ceil_mode=True), scale_factor=2, mode="nearest")[..., :h, :w]  # Eq. (5)
+            y = self.y3(torch.cat([y, self.hf(f1 - f2)], 1))  # Eq. (5) P_hf, then Eq. (7) Y3
+        p_spe = [p(y) for p in self.spe] if self.spe is not None else [None] * 3
+        return y, p_spe
+
+
+# -----------------------------------------------------------------------------
+# DyPro-Mamba (Sec. 3.2.2)
+
+class DyProMamba(nn.Module):
+    """The full network: DRPN, then a two-level U of three PromptSSMs, Eq. (8).
+
+    forward(rgb (b, 3, h, w), points (b, 31, h, w)) -> (hsi (b, 31, h, w), y3 (b, 31, h, w)), any h, w:
+    odd sizes are padded to even for the one down-sampling (RGB by edge replication, points by zeros
+    so no measured spectrum is duplicated) and cropped back.
+    """
+
+    def __init__(self, cfg: Config = Config()):
+        super().__init__()
+        self.cfg = cfg
+        c, nb, hd = cfg.width, cfg.bands, cfg.heads
+        self.drpn = DRPN(cfg, [(c, hd, 1), (2 * c, 2 * hd, 2), (c, hd, 1)])
+        self.embed = conv3(3, c)                      # Eq. (8), M_3x3(X)
+        self.fuse_in = conv3(c + nb, c)               # Eq. (8), Y4
+        self.enc = PromptSSM(cfg, c, hd)
+        self.down = nn.Conv2d(c, 2 * c, 4, stride=2, padding=1)
+        self.mid = PromptSSM(cfg, 2 * c, 2 * hd)
+        self.up = nn.ConvTranspose2d(2 * c, c, 2, stride=2)
+        self.skip = nn.Conv2d(2 * c, c, 1)            # fuses the up-sampled path with the level-0 skip
+        self.dec = PromptSSM(cfg, c, hd)
+        self.out = conv3(c, nb)                       # Eq. (8), Y^r
+        self.h2r = nn.Sequential(conv3(nb, nb), nn.GELU(), conv3(nb, 3))  # M_H2R of L_P2I, training only
+
+    def forward(self, rgb: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = rgb.shape[-2:]
+        ph, pw = h % 2, w % 2
+        if ph or pw:
+            rgb = F.pad(rgb, (0, pw, 0, ph), mode="replicate")
+            points = F.pad(points, (0, pw, 0, ph))
+        y3, (p0, p1, p2) = self.drpn(rgb, points)
+        y4 = self.fuse_in(torch.cat([self.embed(rgb), y3], 1))  # Eq. (8), Y4
+        e = self.enc(y4, p0)
+        m = self.mid(self.down(e), p1)
+        y5 = self.skip(torch.cat([self.up(m), e], 1))  # Eq. (8), Y5
+        hsi = self.out(self.dec(y5, p2))  # Eq. (8), Y^r
+        return hsi[..., :h, :w], y3[..., :h, :w]
+
+
+# -----------------------------------------------------------------------------
+# Losses (supplementary Sec. 7)
+
+LOSS_WEIGHTS = {"phsi": 1.0, "rep": 1.0, "ssim": 0.3, "p2i": 0.3}  # Eq. (15): 1, beta1, beta2, beta3
+
+
+def pixel_ssr_loss(model: DyProMamba, rgb: torch.Tensor, hsi: torch.Tensor, y3: torch.Tensor,
+                   target: torch.Tensor, mask: torch.Tensor, srf: torch.Tensor):
+    """L = L_pHSI + 1.L_rep + 0.3.L_SSIM + 0.3.L_P2I, Eq. (14)-(15).
+
+    rgb (b, 3, h, w); hsi = Y^r and y3 = Y3 (b, 31, h, w); target (b, 31, h, w), read only where
+    mask (b, 1, h, w, bool) is set; srf (3, 31). Returns (total, {term name: value}) so that
+    training can log every term.
+    """
+    n_lab = mask.sum()
+    if n_lab > 0:  # L_pHSI: mean |Y^r - Y^p| over labelled pixels only
+        l_phsi = ((hsi - target).abs() * mask).sum() / (n_lab * hsi.shape[1])
+    else:
+        l_phsi = hsi.new_zeros(())
+    l_rep = (rgb - torch.einsum("cn,bnhw->bchw", srf, hsi)).abs().mean()  # L_rep = |X - S.Y^r|
+    l_ssim = 1 - _ssim(hsi[:, :-1], hsi[:, 1:]).mean()  # adjacent bands (i, i+1)
+    l_p2i = (rgb - model.h2r(y3)).abs().mean()  # L_P2I = |X - H2R(Y3)|
+    terms = {"phsi": l_phsi, "rep": l_rep, "ssim": l_ssim, "p2i": l_p2i}
+    return sum(LOSS_WEIGHTS[k] * v for k, v in terms.items()), terms
+
+
+# -----------------------------------------------------------------------------
+# Metrics (supplementary Sec. 6). Every metric clamps pred to [0, 1], as evaluation on whole images
+# does, accepts (31, h, w) or (b, 31, h, w) and returns the mean over images of the per-image value.
+
+def _batched(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    pred = pred.clamp(0, 1)
+    return (pred[None], target[None]) if pred.dim() == 3 else (pred, target)
+
+
+def _gaussian_window(size: int, sigma: float, dtype, device) -> torch.Tensor:
+    g = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
+    g = torch.exp(-g * g / (2 * sigma * sigma))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]  # (size, size)
+
+
+def _ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Per-channel SSIM of (b, c, h, w) maps -> (b, c): Wang et al. 2004 with an 11x11 Gaussian
+    window (sigma 1.5), K1 = 0.01, K2 = 0.03, averaged over the valid region (no padding), as in
+    Wang's reference code. Images smaller than 11 pixels use a window as large as they allow."""
+    b, c, h, w = x.shape
+    size = min(11, h, w)
+    win = _gaussian_window(size, 1.5, x.dtype, x.device).expand(c, 1, size, size)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+
+    def filt(t):
+        return F.conv2d(t, win, groups=c)
+
+    mx, my = filt(x), filt(y)
+    sxx, syy, sxy = filt(x * x) - mx * mx, filt(y * y) - my * my, filt(x * y) - mx * my
+    smap = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return smap.mean((-2, -1))
+
+
+def rmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Root mean squared error over the whole cube, Eq. (10)."""
+    p, t = _batched(pred, target)
+    return ((p - t) ** 2).mean((1, 2, 3)).sqrt().mean()
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB with peak 1 from the MSE over the whole cube, per image, then averaged.
+
+    This is the common "cube" PSNR; the paper's Eq. (11) is garbled. Infinite for identical images.
+    """
+    p, t = _batched(pred, target)
+    return (10 * torch.log10(1 / ((p - t) ** 2).mean((1, 2, 3)))).mean()
+
+
+def psnr_bandwise(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR per band (peak 1), averaged over bands and images: the other convention papers report."""
+    p, t = _batched(pred, target)
+    return (10 * torch.log10(1 / ((p - t) ** 2).mean((2, 3)))).mean()
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SSIM per band (Gaussian 11 / sigma 1.5, data range 1, valid region), mean over bands, Eq. (12)."""
+    p, t = _batched(pred, target)
+    return _ssim(p, t).mean()
+
+
+def sam(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Spectral angle in degrees per pixel, mean over pixels, Eq. (13). Zero-norm pixels count via eps."""
+    p, t = _batched(pred, target)
+    cos = (p * t).sum(1) / (p.norm(dim=1) * t.norm(dim=1)).clamp_min(eps)
+    return torch.rad2deg(torch.acos(cos.clamp(-1, 1))).mean()

@@ -1,0 +1,1270 @@
+"""
+Property tests of pixelssr: each test states one property in its name.
+
+Sections: the FRFT (frft.py) against its defining properties, the DFT and an independent float64
+construction; the selective scan (ssm.py) against the sequential loop; DyPro-Mamba, its losses,
+point spectra and metrics (pixelssr.py), the metrics against independent numpy code; data.py on the
+real sample in ../shared/data and on every kind of bad input; train.py end to end, resume included.
+Real-data tests are skipped, saying why, when ../shared/data is not beside the checkout.
+"""
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import scipy.signal
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from PIL import Image
+
+import data
+import frft
+import pixelssr as P
+import train
+from ssm import SS2D, selective_scan, selective_scan_ref
+
+
+# ---- FRFT ----
+
+# Sizes 1..96, with the edge cases (1, 2, 3) and multiples of 4 drawn often.
+_frft_sizes = st.one_of(st.sampled_from([1, 2, 3, 4, 8, 12, 16, 32, 64, 96]), st.integers(1, 96))
+_frft_orders = st.floats(-6, 6, allow_nan=False)
+_frft_dtypes = st.sampled_from([torch.float32, torch.float64])
+_frft_settings = settings(max_examples=40, deadline=None)
+_FRFT_TOL = {torch.float32: 2e-6, torch.float64: 1e-12}
+
+
+def _frft_signal(seed: int, n: int, dtype: torch.dtype, is_complex: bool, batch: int = 3) -> torch.Tensor:
+    """(batch, n) random data, complex when asked."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, dtype=dtype, generator=g)
+    return torch.complex(x, torch.randn(batch, n, dtype=dtype, generator=g)) if is_complex else x
+
+
+def _frft_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """Norm-relative error of y against ref, computed in complex128."""
+    y, ref = y.to(torch.complex128), ref.to(torch.complex128)
+    return ((y - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def _frft_centred_dft(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """The centred unitary DFT (or its inverse) along the last dim, by torch.fft."""
+    f = torch.fft.ifft if inverse else torch.fft.fft
+    return torch.fft.fftshift(f(torch.fft.ifftshift(x, dim=-1), norm="ortho"), dim=-1)
+
+
+def _frft_reference_basis(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Independent float64 numpy construction of the centred eigenvectors V (columns) and orders k,
+    following Candan, Kutay, Ozaktas (2000) literally: S with explicit loops, their block matrix P,
+    one eigh per parity block, descending order, and centring by numpy's fftshift."""
+    s = np.zeros((n, n))
+    for j in range(n):
+        s[j, j] += 2 * np.cos(2 * np.pi * j / n) - 4
+        s[j, (j + 1) % n] += 1
+        s[j, (j - 1) % n] += 1
+    r = (n - 1) // 2                      # number of pairs (j, n - j)
+    p = np.zeros((n, n))
+    p[0, 0] = 1
+    for i in range(r):
+        j = i + 1
+        p[1 + i, j] = p[1 + i, n - j] = 1 / np.sqrt(2)
+        p[n - r + i, j], p[n - r + i, n - j] = 1 / np.sqrt(2), -1 / np.sqrt(2)
+    n_even = n - r
+    if n % 2 == 0:
+        p[n_even - 1, n // 2] = 1
+    blocks = p @ s @ p.T
+    v, k = np.zeros((n, n)), np.zeros(n)
+    for lo, hi, first in ((0, n_even, 0), (n_even, n, 1)):
+        w, u = np.linalg.eigh(blocks[lo:hi, lo:hi])
+        order = np.argsort(-w)
+        v[:, lo:hi] = p[lo:hi].T @ u[:, order]
+        k[lo:hi] = first + 2 * np.arange(hi - lo)
+    # Centred F^a = fftshift ∘ F^a ∘ ifftshift = (fftshift V) D (fftshift V)ᵀ
+    return np.fft.fftshift(v, axes=0), k
+
+
+def _frft_reference_matrix(n: int, a: float) -> np.ndarray:
+    """F^a (n, n), complex128, from the independent basis."""
+    v, k = _frft_reference_basis(n)
+    return (v * np.exp(-0.5j * np.pi * a * k)) @ v.T
+
+
+@_frft_settings
+@given(n=_frft_sizes, dtype=_frft_dtypes, is_complex=st.booleans(), seed=st.integers(0, 2**31))
+def test_frft_order_one_is_the_centred_unitary_dft(n, dtype, is_complex, seed):
+    x = _frft_signal(seed, n, dtype, is_complex)
+    assert _frft_err(frft.frft(x, 1.0), _frft_centred_dft(x)) < _FRFT_TOL[dtype]
+
+
+def test_frft_order_one_matrix_is_the_centred_dft_for_every_size_up_to_96():
+    for n in range(1, 97):
+        eye = torch.eye(n, dtype=torch.float64)
+        assert _frft_err(frft.frft(eye, 1.0), _frft_centred_dft(eye)) < 1e-13, n
+
+
+@_frft_settings
+@given(n=_frft_sizes, order=st.sampled_from([-1.0, 3.0]), dtype=_frft_dtypes, is_complex=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_frft_orders_minus_one_and_three_are_the_inverse_centred_dft(n, order, dtype, is_complex, seed):
+    x = _frft_signal(seed, n, dtype, is_complex)
+    assert _frft_err(frft.frft(x, order), _frft_centred_dft(x, inverse=True)) < _FRFT_TOL[dtype]
+
+
+@_frft_settings
+@given(n=_frft_sizes, dtype=_frft_dtypes, is_complex=st.booleans(), seed=st.integers(0, 2**31))
+def test_frft_order_two_reverses_about_the_centre(n, dtype, is_complex, seed):
+    # Centred position m holds x[m - n//2]; x[t] -> x[-t] sends m to 2·(n//2) - m: a plain flip for
+    # odd n, and for even n position 0 (t = -n/2 = n/2 mod n) stays while the rest flips.
+    x = _frft_signal(seed, n, dtype, is_complex)
+    reversed_x = x.flip(-1) if n % 2 else torch.cat([x[:, :1], x[:, 1:].flip(-1)], -1)
+    assert _frft_err(frft.frft(x, 2.0), reversed_x) < _FRFT_TOL[dtype]
+
+
+@_frft_settings
+@given(n=_frft_sizes, dtype=_frft_dtypes, is_complex=st.booleans(), seed=st.integers(0, 2**31))
+def test_frft_order_zero_is_the_identity(n, dtype, is_complex, seed):
+    x = _frft_signal(seed, n, dtype, is_complex)
+    assert _frft_err(frft.frft(x, 0.0), x) < _FRFT_TOL[dtype]
+
+
+@_frft_settings
+@given(n=_frft_sizes, a=_frft_orders, dtype=_frft_dtypes, is_complex=st.booleans(), seed=st.integers(0, 2**31))
+def test_frft_fractional_order_matches_an_independent_float64_computation(n, a, dtype, is_complex, seed):
+    x = _frft_signal(seed, n, dtype, is_complex)
+    ref = x.to(torch.complex128) @ torch.from_numpy(_frft_reference_matrix(n, a)).T
+    assert _frft_err(frft.frft(x, a), ref) < _FRFT_TOL[dtype]
+
+
+@_frft_settings
+@given(n=_frft_sizes, a=_frft_orders, is_complex=st.booleans(), seed=st.integers(0, 2**31))
+def test_frft_derivative_wrt_order_matches_the_analytic_one(n, a, is_complex, seed):
+    # d/da F^a x = V diag(-iπk/2 · exp(-iπak/2)) Vᵀ x
+    x = _frft_signal(seed, n, torch.float64, is_complex, batch=1)[0]
+    v, k = _frft_reference_basis(n)
+    lam = np.exp(-0.5j * np.pi * a * k)
+    analytic = (v * (-0.5j * np.pi * k * lam)) @ v.T @ x.numpy()
+    order = torch.tensor(a, dtype=torch.float64)
+    _, derivative = torch.func.jvp(lambda order: frft.frft(x, order), (order,), (torch.ones_like(order),))
+    assert _frft_err(derivative, torch.from_numpy(analytic)) < 1e-12
+
+
+def test_frft_passes_gradcheck_in_x_and_order():
+    x = torch.randn(2, 7, dtype=torch.complex128, requires_grad=True)
+    a = torch.tensor(0.37, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a: frft.frft2(x, a, 2 * a), (x, a))
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=_frft_sizes)
+def test_frft_grunbaum_matrix_commutes_with_the_dft(n):
+    s = frft._grunbaum(n).to(torch.complex128)
+    dft = torch.fft.fft(torch.eye(n, dtype=torch.complex128), dim=0, norm="ortho")
+    assert (dft @ s - s @ dft).abs().max() < 1e-12 * max(1.0, s.abs().max().item())
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=_frft_sizes)
+def test_frft_basis_vector_of_order_k_has_parity_minus_one_to_the_k(n):
+    v, k = frft._basis(n)
+    centre = n // 2
+    reversal = (2 * centre - torch.arange(n)) % n  # centred position of -t
+    assert torch.allclose(v[reversal], v * (-1.0) ** k, atol=1e-13)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=_frft_sizes)
+def test_frft_basis_vector_of_order_k_is_a_dft_eigenvector_with_eigenvalue_minus_i_to_the_k(n):
+    v, k = frft._basis(n)
+    v = v.to(torch.complex128)
+    dft_v = _frft_centred_dft(v.T).T
+    assert (dft_v - v * (-1j) ** k).abs().max() < 1e-12
+
+
+@_frft_settings
+@given(n=_frft_sizes, a=_frft_orders, b=_frft_orders, dtype=_frft_dtypes, is_complex=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_frft_orders_add(n, a, b, dtype, is_complex, seed):
+    x = _frft_signal(seed, n, dtype, is_complex)
+    assert _frft_err(frft.frft(frft.frft(x, a), b), frft.frft(x, a + b)) < 2 * _FRFT_TOL[dtype]
+
+
+@_frft_settings
+@given(n=_frft_sizes, a=_frft_orders, dtype=_frft_dtypes, is_complex=st.booleans(), seed=st.integers(0, 2**31))
+def test_frft_negative_order_inverts(n, a, dtype, is_complex, seed):
+    x = _frft_signal(seed, n, dtype, is_complex)
+    assert _frft_err(frft.frft(frft.frft(x, a), -a), x) < 2 * _FRFT_TOL[dtype]
+
+
+@_frft_settings
+@given(n=_frft_sizes, a=_frft_orders, dtype=_frft_dtypes)
+def test_frft_is_unitary(n, a, dtype):
+    m = frft.frft(torch.eye(n, dtype=dtype), a)
+    assert _frft_err(m @ m.mH, torch.eye(n, dtype=m.dtype)) < _FRFT_TOL[dtype]
+
+
+@_frft_settings
+@given(n=_frft_sizes, a=_frft_orders, dtype=_frft_dtypes, is_complex=st.booleans(), seed=st.integers(0, 2**31))
+def test_frft_has_period_four(n, a, dtype, is_complex, seed):
+    x = _frft_signal(seed, n, dtype, is_complex)
+    assert _frft_err(frft.frft(x, a + 4), frft.frft(x, a)) < _FRFT_TOL[dtype]
+
+
+def test_frft_float32_keeps_full_precision_at_large_orders():
+    x = _frft_signal(0, 64, torch.float32, True)
+    assert _frft_err(frft.frft(x, 4000.5), frft.frft(x.to(torch.complex128), 0.5)) < _FRFT_TOL[torch.float32]
+
+
+@_frft_settings
+@given(n=_frft_sizes, a=_frft_orders, dtype=_frft_dtypes, seed=st.integers(0, 2**31),
+       alpha=st.floats(-3, 3), beta=st.floats(-3, 3))
+def test_frft_is_linear(n, a, dtype, seed, alpha, beta):
+    x, y = _frft_signal(seed, n, dtype, True, batch=2)
+    lhs = frft.frft(alpha * x + beta * y, a)
+    rhs = alpha * frft.frft(x, a) + beta * frft.frft(y, a)
+    scale = (abs(alpha) * x.norm() + abs(beta) * y.norm()).item()
+    assert (lhs - rhs).norm().item() <= 2 * _FRFT_TOL[dtype] * scale
+
+
+@_frft_settings
+@given(h=_frft_sizes, w=_frft_sizes, a_h=_frft_orders, a_w=_frft_orders, dtype=_frft_dtypes,
+       is_complex=st.booleans(), seed=st.integers(0, 2**31))
+def test_frft2_height_then_width_equals_width_then_height(h, w, a_h, a_w, dtype, is_complex, seed):
+    x = _frft_signal(seed, h * w, dtype, is_complex, batch=2).unflatten(-1, (h, w))
+    height_first = frft.frft(frft.frft(x, a_h, dim=-2), a_w, dim=-1)
+    width_first = frft.frft(frft.frft(x, a_w, dim=-1), a_h, dim=-2)
+    assert _frft_err(height_first, width_first) < 2 * _FRFT_TOL[dtype]
+
+
+@_frft_settings
+@given(h=_frft_sizes, w=_frft_sizes, a_h=_frft_orders, a_w=_frft_orders, dtype=_frft_dtypes,
+       is_complex=st.booleans(), seed=st.integers(0, 2**31))
+def test_frft2_is_frft_along_height_and_width(h, w, a_h, a_w, dtype, is_complex, seed):
+    x = _frft_signal(seed, h * w, dtype, is_complex, batch=2).unflatten(-1, (h, w))
+    along_each = frft.frft(frft.frft(x, a_h, dim=1), a_w, dim=2)
+    assert _frft_err(frft.frft2(x, a_h, a_w), along_each) < 2 * _FRFT_TOL[dtype]
+    assert _frft_err(frft.frft2(x, a_h), frft.frft2(x, a_h, a_h)) == 0
+
+
+@settings(max_examples=10, deadline=None)
+@given(n=_frft_sizes, a=_frft_orders)
+def test_frft_along_a_middle_dim_equals_frft_along_the_last(n, a):
+    x = torch.randn(2, n, 3, dtype=torch.float64)
+    assert _frft_err(frft.frft(x, a, dim=1), frft.frft(x.transpose(1, 2), a).transpose(1, 2)) < 1e-12
+
+
+def test_frft_output_is_complex64_or_complex128_as_promised():
+    expected = {torch.float16: torch.complex64, torch.float32: torch.complex64, torch.complex64: torch.complex64,
+                torch.float64: torch.complex128, torch.complex128: torch.complex128}
+    for dtype, out in expected.items():
+        x = torch.ones(2, 4, 5, dtype=dtype)
+        assert frft.frft(x, 0.3).dtype == out and frft.frft2(x, 0.3).dtype == out, dtype
+
+
+@_frft_settings
+@given(n=_frft_sizes, a=_frft_orders, dtype=_frft_dtypes, is_complex=st.booleans(), seed=st.integers(0, 2**31))
+def test_frft_float_order_and_tensor_order_agree(n, a, dtype, is_complex, seed):
+    x = _frft_signal(seed, n, dtype, is_complex)
+    order = torch.tensor(a, dtype=dtype, requires_grad=True)
+    assert torch.equal(frft.frft(x, order.item()), frft.frft(x, order))
+
+
+# ---- selective scan ----
+
+SCAN_SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SCAN_TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+SCAN_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "",
+                  scale: float | None = None) -> None:
+    """max |actual − expected| ≤ rtol · scale, scale = max |expected| unless given (exact zeros pass)."""
+    assert actual.shape == expected.shape, what
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    if scale is None:
+        scale = expected.abs().max().item() if expected.numel() else 0.0
+    assert err <= rtol * max(scale, 1e-30), f"{what}: error {err:.3g} at scale {scale:.3g}"
+
+
+@st.composite
+def scan_cases(draw, dtypes=(torch.float64, torch.float32), optional=True):
+    """Shapes, options and a seed for one scan; l covers 1, < chunk, multiples and non-multiples of it."""
+    chunk = draw(st.sampled_from([4, 8]))
+    l = draw(st.one_of(st.sampled_from([1, chunk - 1, chunk, chunk + 1, 3 * chunk]), st.integers(1, 4 * chunk + 3)))
+    grouped = draw(st.booleans())
+    flag = st.booleans() if optional else st.just(True)
+    return dict(seed=draw(st.integers(0, 2**31 - 1)), b=draw(st.integers(1, 2)), dg=draw(st.integers(1, 3)),
+                g=draw(st.integers(1, 3)) if grouped else 1, grouped=grouped, n=draw(st.integers(1, 4)), l=l,
+                chunk=chunk, dtype=draw(st.sampled_from(dtypes)), softplus=draw(st.booleans()),
+                D=draw(flag), z=draw(flag), delta_bias=draw(flag))
+
+
+def _scan_inputs(case: dict, delta_scale: float = 0.5) -> dict:
+    """Random inputs for a case: A < 0, Δ + delta_bias > 0 (or any sign when softplus follows)."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    b, g, n, l, dtype = case["b"], case["g"], case["n"], case["l"], case["dtype"]
+    d = g * case["dg"]
+
+    def rand(*shape, positive=False):
+        x = torch.rand(*shape, generator=gen, dtype=torch.float64) if positive else \
+            torch.randn(*shape, generator=gen, dtype=torch.float64)
+        return x.to(dtype)
+
+    BC = (b, g, n, l) if case["grouped"] else (b, n, l)
+    return dict(u=rand(b, d, l), A=-rand(d, n).exp(), B=rand(*BC), C=rand(*BC),
+                delta=rand(b, d, l) if case["softplus"] else delta_scale * rand(b, d, l, positive=True),
+                D=rand(d) if case["D"] else None, z=rand(b, d, l) if case["z"] else None,
+                delta_bias=0.5 * rand(d, positive=not case["softplus"]) if case["delta_bias"] else None)
+
+
+def _scan_with_grads(fn, inputs: dict, softplus: bool, **kwargs):
+    """y, last state, and the gradient of a fixed random projection of (y, last state) w.r.t. every input."""
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if v is not None}   # keeps strides
+    y, last = fn(**leaves, delta_softplus=softplus, return_last_state=True, **kwargs)
+    gen = torch.Generator().manual_seed(0)
+    wy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)
+    wl = torch.randn(last.shape, generator=gen, dtype=torch.float64).to(y.dtype)
+    grads = torch.autograd.grad((y * wy).sum() + (last * wl).sum(), list(leaves.values()))
+    return y.detach(), last.detach(), dict(zip(leaves, grads))
+
+
+def _assert_scans_agree(case: dict, inputs: dict, rtol: float) -> None:
+    """selective_scan == selective_scan_ref in y, last state and every gradient."""
+    y0, last0, g0 = _scan_with_grads(selective_scan_ref, inputs, case["softplus"])
+    y1, last1, g1 = _scan_with_grads(selective_scan, inputs, case["softplus"], chunk_size=case["chunk"])
+    _assert_close(y1, y0, rtol, "y")
+    _assert_close(last1, last0, rtol, "last state")
+    # float32: gradients reduced over b and l (A, D, delta_bias) can be small by cancellation, far below
+    # their rounding error; measure them against the largest gradient of all instead.
+    top = max(g.abs().max().item() for g in g0.values()) if case["dtype"] == torch.float32 else None
+    for k in g0:
+        _assert_close(g1[k], g0[k], rtol, f"grad {k}", scale=top)
+
+
+@SCAN_SETTINGS
+@given(case=scan_cases())
+def test_scan_matches_ref(case):
+    inputs = _scan_inputs(case)
+    y0, last0 = selective_scan_ref(**inputs, delta_softplus=case["softplus"], return_last_state=True)
+    y1, last1 = selective_scan(**inputs, delta_softplus=case["softplus"], return_last_state=True,
+                               chunk_size=case["chunk"])
+    _assert_close(y1, y0, SCAN_TOL[case["dtype"]], "y")
+    _assert_close(last1, last0, SCAN_TOL[case["dtype"]], "last state")
+    assert torch.equal(selective_scan(**inputs, delta_softplus=case["softplus"], chunk_size=case["chunk"]), y1)
+
+
+@SCAN_SETTINGS
+@given(case=scan_cases(optional=False))
+def test_scan_grads_match_ref(case):
+    # Every input carries a gradient here (D, z and delta_bias always present).
+    inputs = _scan_inputs(case)
+    _assert_scans_agree(case, inputs, SCAN_TOL[case["dtype"]])
+
+
+@SCAN_SETTINGS
+@given(case=scan_cases(dtypes=(torch.float64,), optional=False), n_chunks=st.integers(4, 8))
+def test_scan_slow_decay_carries_state_across_chunks(case, n_chunks):
+    # Δ ≈ 1e-4: the state hardly decays, so what chunk 0 writes still dominates the last chunk; a lost or
+    # mis-scaled carry between chunks (forward or backward) shows up at full size.
+    # No skip or gate: y is the state read-out alone, so the tolerance applies to it.
+    case = dict(case, l=n_chunks * case["chunk"] + case["l"] % case["chunk"], softplus=False, delta_bias=False,
+                D=False, z=False)
+    inputs = _scan_inputs(case, delta_scale=1e-4)
+    inputs["delta"] = 1e-4 + inputs["delta"] * 0.1
+    _assert_scans_agree(case, inputs, 1e-10)
+    # The premise holds: what the first chunk leaves in the state is still there, nearly undecayed, at the end.
+    c = case["chunk"]
+    first = {k: v[..., :c] if k in ("u", "delta", "B", "C") else v for k, v in inputs.items()}
+    silenced = dict(inputs, u=torch.cat([torch.zeros_like(inputs["u"][..., :c]), inputs["u"][..., c:]], -1))
+    (_, h_first), (_, h_all), (_, h_silenced) = (selective_scan_ref(**x, return_last_state=True)
+                                                 for x in (first, inputs, silenced))
+    assert ((h_all - h_silenced).abs() >= 0.25 * h_first.abs()).all()
+
+
+@SCAN_SETTINGS
+@given(case=scan_cases(optional=False))
+def test_scan_strong_decay_stays_finite_and_correct(case):
+    # Δ·A ≤ −3000 per step: a chunk's total decay sums below −1e4, far past exp's float range; every
+    # exponent the scan forms must stay ≤ 0, or inf/NaN appear.
+    case = dict(case, softplus=False, delta_bias=False)
+    inputs = _scan_inputs(case, delta_scale=100.0)
+    inputs["delta"] = 300.0 + inputs["delta"]                                  # Δ in [300, 400]
+    inputs["A"] = -10.0 - inputs["A"].abs()                                    # A ≤ −10
+    _assert_scans_agree(case, inputs, SCAN_TOL[case["dtype"]])
+
+
+@SCAN_SETTINGS
+@given(case=scan_cases(optional=False), edge=st.sampled_from(["delta=0", "A=0", "B=0"]))
+def test_scan_exact_edge_values(case, edge):
+    case = dict(case, softplus=False, delta_bias=False)
+    inputs = _scan_inputs(case)
+    key = edge.split("=")[0]
+    inputs[key] = torch.zeros_like(inputs[key])
+    y, last = selective_scan(**inputs, return_last_state=True, chunk_size=case["chunk"])
+    skip = inputs["D"][:, None] * inputs["u"] * torch.nn.functional.silu(inputs["z"])
+    if edge == "A=0":
+        # No decay: the state is the plain sum of every Δ_t·B_t·u_t.
+        B = inputs["B"] if case["grouped"] else inputs["B"][:, None]
+        b, d, l = inputs["u"].shape
+        Bd = B.repeat_interleave(d // B.shape[1], dim=1)                      # (b, d, n, l)
+        expected = ((inputs["delta"] * inputs["u"])[:, :, None, :] * Bd).sum(-1)
+        _assert_close(last, expected, SCAN_TOL[case["dtype"]], "last state")
+        _assert_close(y, selective_scan_ref(**inputs), SCAN_TOL[case["dtype"]], "y")
+    else:
+        # Nothing enters the state: it stays exactly 0 and y is exactly the skip path.
+        assert torch.equal(last, torch.zeros_like(last))
+        assert torch.equal(y, skip)
+
+
+@SCAN_SETTINGS
+@given(case=scan_cases(dtypes=(torch.float64,)), chunks=st.lists(st.integers(1, 40), min_size=2, max_size=3))
+def test_scan_any_chunk_size_gives_same_result(case, chunks):
+    inputs = _scan_inputs(case)
+    results = [_scan_with_grads(selective_scan, inputs, case["softplus"], chunk_size=c) for c in chunks]
+    y0, last0, g0 = results[0]
+    for y, last, grads in results[1:]:
+        _assert_close(y, y0, 1e-12, "y")
+        _assert_close(last, last0, 1e-12, "last state")
+        for k in g0:
+            _assert_close(grads[k], g0[k], 1e-12, f"grad {k}")
+
+
+@SCAN_SETTINGS
+@given(case=scan_cases(optional=False), data=st.data())
+def test_scan_is_causal(case, data):
+    # ∂y_s/∂x_t = 0 for s < t, for every per-step input x: exactly, not approximately.
+    case = dict(case, l=max(case["l"], 2))
+    cut = data.draw(st.integers(1, case["l"] - 1))
+    inputs = _scan_inputs(case)
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y = selective_scan(**leaves, delta_softplus=case["softplus"], chunk_size=case["chunk"])
+    grads = torch.autograd.grad(y[..., :cut].square().sum(), [leaves[k] for k in ("u", "delta", "B", "C", "z")])
+    for k, grad in zip(("u", "delta", "B", "C", "z"), grads):
+        assert torch.equal(grad[..., cut:], torch.zeros_like(grad[..., cut:])), k
+        assert grad[..., :cut].abs().sum() > 0, k                           # and not vacuously
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_scan_gradcheck(grouped):
+    g, dg, n, l = (2, 2, 2, 5) if grouped else (1, 3, 2, 5)
+    case = dict(seed=0, b=2, g=g, dg=dg, n=n, l=l, grouped=grouped, dtype=torch.float64, softplus=True,
+                D=True, z=True, delta_bias=True)
+    inputs = {k: v.requires_grad_() for k, v in _scan_inputs(case).items()}
+
+    def fn(*args):
+        return selective_scan(**dict(zip(SCAN_INPUTS, args)), delta_softplus=True, return_last_state=True,
+                              chunk_size=2)
+    assert torch.autograd.gradcheck(fn, tuple(inputs[k] for k in SCAN_INPUTS))
+
+
+@SCAN_SETTINGS
+@given(case=scan_cases(dtypes=(torch.float64,), optional=False))
+def test_scan_noncontiguous_inputs(case):
+    # Same numbers, stored transposed or strided: results must not change.
+    inputs = _scan_inputs(case)
+    strided = {}
+    for k, v in inputs.items():
+        wide = torch.zeros(*v.shape[:-1], 2 * v.shape[-1], dtype=v.dtype)    # every other element
+        wide[..., ::2] = v
+        strided[k] = wide[..., ::2]
+    strided["A"] = inputs["A"].t().contiguous().t()                          # column-major
+    strided["u"] = inputs["u"].transpose(1, 2).contiguous().transpose(1, 2)  # (b, l, d) storage
+    assert case["l"] == 1 or not strided["delta"].is_contiguous()
+    y0, last0, g0 = _scan_with_grads(selective_scan, inputs, case["softplus"], chunk_size=case["chunk"])
+    y1, last1, g1 = _scan_with_grads(selective_scan, strided, case["softplus"], chunk_size=case["chunk"])
+    _assert_close(y1, y0, 1e-12, "y")
+    _assert_close(last1, last0, 1e-12, "last state")
+    for k in g0:
+        _assert_close(g1[k], g0[k], 1e-12, f"grad {k}")
+
+
+def _ss2d(seed: int, dim: int, d_state: int, expand: int) -> SS2D:
+    torch.manual_seed(seed)
+    model = SS2D(dim, d_state=d_state, expand=expand).double()
+    with torch.no_grad():                         # non-trivial values everywhere, so every path matters
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@SCAN_SETTINGS
+@given(h=st.sampled_from([1, 3, 5, 7]), w=st.sampled_from([1, 3, 5, 7]), dim=st.integers(1, 9),
+       d_state=st.integers(1, 4), expand=st.integers(1, 2), seed=st.integers(0, 1000))
+def test_ss2d_keeps_shape(h, w, dim, d_state, expand, seed):
+    model = _ss2d(seed, dim, d_state, expand)
+    x = torch.randn(2, dim, h, w, dtype=torch.float64)
+    y = model(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+@SCAN_SETTINGS
+@given(h=st.integers(2, 6), w=st.integers(2, 6), symmetry=st.sampled_from(["transpose", "rotate180"]),
+       seed=st.integers(0, 1000))
+def test_ss2d_routes_map_onto_each_other_under_image_symmetries(h, w, symmetry, seed):
+    # The four routes are the orbit of the row-major scan under {identity, transpose, 180° rotation, both}:
+    # transposing the image turns row-major into column-major (routes 0↔1, 2↔3), rotating it by 180°
+    # reverses each scan (routes 0↔2, 1↔3). So SS2D on the transformed image, with its route parameters
+    # permuted to match and its 3×3 kernel transformed alike, must be SS2D on the image, transformed.
+    # Routes that read the image in the same order (a flip or transpose missing) break this.
+    model = _ss2d(seed, 4, 3, 2)
+    x = torch.randn(2, 4, h, w, dtype=torch.float64)
+    if symmetry == "transpose":
+        perm, transform = [1, 0, 3, 2], (lambda t: t.transpose(-1, -2))
+    else:
+        perm, transform = [2, 3, 0, 1], (lambda t: t.flip(-1, -2))
+    mirrored = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in ("x_proj_weight", "dt_proj_weight", "dt_proj_bias", "A_log", "D"):   # per route, (4, ...)
+            getattr(mirrored, name).copy_(getattr(model, name)[perm])
+        mirrored.conv.weight.copy_(transform(model.conv.weight))
+    _assert_close(transform(mirrored(transform(x))), model(x), 1e-10)
+
+
+@SCAN_SETTINGS
+@given(h=st.sampled_from([5, 7]), w=st.sampled_from([5, 7]), seed=st.integers(0, 1000), data=st.data())
+def test_ss2d_sees_the_whole_image(h, w, seed, data):
+    # Every output pixel depends on every input pixel, above, below, left and right of it — far beyond
+    # the 3×3 conv: the forward and reversed row- and column-major scans together reach everywhere.
+    model = _ss2d(seed, 3, 2, 1)
+    i, j = data.draw(st.integers(0, h - 1)), data.draw(st.integers(0, w - 1))
+    x = torch.randn(1, 3, h, w, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(model(x)[0, :, i, j].sum(), x)
+    assert (grad[0].abs().sum(0) > 0).all()
+
+
+# ---- DyPro-Mamba ----
+
+SMALL = P.Config(width=8, d_state=4, drpn_d_state=2)  # the real architecture, narrow enough for CPU tests
+MODEL_SETTINGS = settings(max_examples=10, deadline=None)
+
+
+def _model(cfg: P.Config = SMALL, seed: int = 0) -> P.DyProMamba:
+    torch.manual_seed(seed)
+    return P.DyProMamba(cfg)
+
+
+def _inputs(b: int, h: int, w: int, seed: int = 0, ratio: float = 0.01):
+    g = torch.Generator().manual_seed(seed)
+    rgb = torch.rand(b, 3, h, w, generator=g)
+    return rgb, P.sample_points((b, 31, h, w), ratio, 2.0, 0.1, generator=g)
+
+
+def _n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@MODEL_SETTINGS
+@given(b=st.integers(1, 2), h=st.integers(1, 19), w=st.integers(1, 19))
+def test_model_keeps_any_image_size(b, h, w):
+    hsi, y3 = _model()(*_inputs(b, h, w))
+    assert hsi.shape == y3.shape == (b, 31, h, w)
+    assert torch.isfinite(hsi).all() and torch.isfinite(y3).all()
+
+
+def test_model_batch_members_are_independent_in_eval_mode():
+    m = _model().eval()
+    rgb, pts = _inputs(3, 12, 10)
+    with torch.no_grad():
+        together = m(rgb, pts)[0]
+        alone = torch.cat([m(rgb[i:i + 1], pts[i:i + 1])[0] for i in range(3)])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_model_is_deterministic_given_the_seed():
+    a = _model(seed=3)(*_inputs(2, 9, 14, seed=5))[0]
+    b = _model(seed=3)(*_inputs(2, 9, 14, seed=5))[0]
+    assert torch.equal(a, b)
+
+
+def test_gradient_reaches_every_parameter_including_the_frft_order():
+    m = _model()
+    rgb, pts = _inputs(2, 16, 16)
+    hsi, y3 = m(rgb, pts)
+    mask = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
+    mask[:, :, 3, 5] = True
+    loss, _ = P.pixel_ssr_loss(m, rgb, hsi, y3, torch.rand(2, 31, 16, 16) * mask, mask, torch.full((3, 31), 1 / 31))
+    loss.backward()
+    silent = [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not silent, f"no gradient reaches {silent}"
+    assert m.drpn.spa.order.grad.abs() > 0
+
+
+def _loss_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hsi = torch.rand(2, 31, 16, 16, generator=g, requires_grad=True)
+    y3 = torch.rand(2, 31, 16, 16, generator=g, requires_grad=True)
+    rgb = torch.rand(2, 3, 16, 16, generator=g)
+    mask = torch.rand(2, 1, 16, 16, generator=g) < 0.1
+    target = torch.rand(2, 31, 16, 16, generator=g) * mask
+    srf = torch.rand(3, 31, generator=g)
+    return hsi, y3, rgb, target, mask, srf / srf.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("term,wrt", [("phsi", "hsi"), ("rep", "hsi"), ("ssim", "hsi"), ("p2i", "y3")])
+def test_each_loss_term_alone_carries_gradient_to_the_output(term, wrt):
+    m = _model()
+    hsi, y3, rgb, target, mask, srf = _loss_inputs()
+    _, terms = P.pixel_ssr_loss(m, rgb, hsi, y3, target, mask, srf)
+    assert terms[term].requires_grad, f"{term} is detached"
+    (grad,) = torch.autograd.grad(terms[term], {"hsi": hsi, "y3": y3}[wrt])
+    assert grad.abs().sum() > 0
+
+
+def test_loss_total_is_the_weighted_sum_of_eq15():
+    hsi, y3, rgb, target, mask, srf = _loss_inputs()
+    total, t = P.pixel_ssr_loss(_model(), rgb, hsi, y3, target, mask, srf)
+    torch.testing.assert_close(total, t["phsi"] + t["rep"] + 0.3 * t["ssim"] + 0.3 * t["p2i"])
+
+
+def test_phsi_is_zero_without_labels():
+    hsi, y3, rgb, target, mask, srf = _loss_inputs()
+    _, terms = P.pixel_ssr_loss(_model(), rgb, hsi, y3, target * 0, torch.zeros_like(mask), srf)
+    assert terms["phsi"].item() == 0
+
+
+def test_phsi_reads_only_labelled_pixels():
+    hsi, y3, rgb, target, mask, srf = _loss_inputs()
+    m = _model()
+    _, before = P.pixel_ssr_loss(m, rgb, hsi, y3, target, mask, srf)
+    with torch.no_grad():
+        hsi2, target2 = hsi.clone(), target.clone()
+        hsi2[~mask.expand_as(hsi)] += 0.5  # change the prediction and the target off the labels
+        target2[~mask.expand_as(target)] = 7.0
+    _, after = P.pixel_ssr_loss(m, rgb, hsi2, y3, target2, mask, srf)
+    assert after["phsi"].item() == pytest.approx(before["phsi"].item())
+    expected = (hsi - target).abs().permute(1, 0, 2, 3)[:, mask[:, 0]].mean()
+    assert before["phsi"].item() == pytest.approx(expected.item())
+
+
+# one switch at a time: (config change, the submodule that must disappear)
+ABLATIONS = {
+    "use_spa": lambda m: m.drpn.spa,
+    "use_hf": lambda m: m.drpn.hf,
+    "use_spe": lambda m: m.drpn.spe,
+    "use_prompt_ssm": lambda m: m.enc.attn,
+}
+
+
+@pytest.mark.parametrize("switch", ABLATIONS)
+def test_each_ablation_switch_removes_its_branch(switch):
+    full, cut = _model(), _model(dataclasses.replace(SMALL, **{switch: False}))
+    assert ABLATIONS[switch](full) is not None and ABLATIONS[switch](cut) is None
+    assert _n_params(cut) < _n_params(full)
+    x = _inputs(1, 12, 12)
+    assert not torch.allclose(full(*x)[0], cut(*x)[0])
+
+
+def test_fft_ablation_drops_only_the_learnable_order():
+    full, fft = _model(), _model(dataclasses.replace(SMALL, spa_transform="fft"))
+    assert _n_params(full) - _n_params(fft) == 1 and fft.drpn.spa.order is None
+    x = _inputs(1, 12, 12)
+    assert not torch.allclose(full(*x)[0], fft(*x)[0])
+
+
+def test_frft_branch_at_order_one_is_the_centred_fft_branch():
+    """The FRFT branch is an FFT branch rotated by a: at a = 1 it must match the FFT ablation up to
+    the centring shift, which SS2D sees as a different pixel order, so compare the transforms."""
+    spa = _model().drpn.spa
+    with torch.no_grad():
+        spa.order.fill_(1 / spa.order_scale)
+    x = torch.randn(2, 8, 6, 7)
+    centred = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(x, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
+    torch.testing.assert_close(spa.transform(x), centred, rtol=1e-4, atol=1e-5)
+
+
+# ---- point spectra ----
+
+@settings(max_examples=20, deadline=None)
+@given(alpha=st.floats(0.5, 20), theta=st.floats(0.005, 0.5), seed=st.integers(0, 2**31))
+def test_fit_gamma_recovers_known_parameters(alpha, theta, seed):
+    x = np.random.default_rng(seed).gamma(alpha, theta, 200_000)
+    a, t = P.fit_gamma(x)
+    assert a == pytest.approx(alpha, rel=0.05) and t == pytest.approx(theta, rel=0.05)
+
+
+@pytest.mark.parametrize("bad", [[], [0.5], [0.1, -0.2, 0.3], [0.0, 0.0, 0.0], [0.2, float("nan")]])
+def test_fit_gamma_refuses_empty_negative_or_degenerate_data(bad):
+    with pytest.raises(ValueError):
+        P.fit_gamma(bad)
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 3), h=st.integers(1, 40), w=st.integers(1, 40),
+       ratio=st.sampled_from([0.0, 1e-4, 1e-3, 0.01, 0.1, 0.5, 1.0]), seed=st.integers(0, 1000))
+def test_sample_points_places_exactly_the_promised_number_of_non_negative_spectra(b, h, w, ratio, seed):
+    pts = P.sample_points((b, 31, h, w), ratio, 2.0, 0.1, generator=torch.Generator().manual_seed(seed))
+    k = max(1, math.floor((ratio if ratio > 0 else 1e-4) * h * w + 1e-9))
+    assert (pts.abs().sum(1) > 0).sum((1, 2)).tolist() == [k] * b  # Gamma draws are a.s. positive
+    assert (pts >= 0).all()
+
+
+def test_sample_points_is_reproducible_with_a_seed():
+    draw = lambda s: P.sample_points((2, 31, 20, 20), 0.05, 2.0, 0.1, generator=torch.Generator().manual_seed(s))
+    assert torch.equal(draw(1), draw(1)) and not torch.equal(draw(1), draw(2))
+
+
+def test_gaussian_points_match_the_gamma_moments():
+    g = torch.Generator().manual_seed(0)
+    pts = P.sample_points((4, 31, 100, 100), 0.5, 3.0, 0.05, generator=g, dist="gaussian")
+    vals = pts[pts != 0].double()
+    assert vals.mean().item() == pytest.approx(3.0 * 0.05, rel=0.02)
+    assert vals.var().item() == pytest.approx(3.0 * 0.05**2, rel=0.05)
+
+
+# ---- metrics ----
+
+def _np_ssim_band(x: np.ndarray, y: np.ndarray) -> float:
+    """Wang et al.'s reference SSIM (ssim_index.m): 11x11 Gaussian, sigma 1.5, 'valid' filtering."""
+    g = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5**2))
+    win = np.outer(g, g) / np.outer(g, g).sum()
+    f = lambda a: scipy.signal.convolve2d(a, np.rot90(win, 2), mode="valid")
+    c1, c2 = 0.01**2, 0.03**2
+    mx, my = f(x), f(y)
+    sxx, syy, sxy = f(x * x) - mx**2, f(y * y) - my**2, f(x * y) - mx * my
+    return float((((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))).mean())
+
+
+def _np_metrics(pred: np.ndarray, target: np.ndarray) -> dict:
+    """Independent numpy versions on one (31, h, w) image, pred clamped to [0, 1]."""
+    p, t = np.clip(pred, 0, 1), target
+    mse = ((p - t) ** 2).mean()
+    band_mse = ((p - t) ** 2).mean(axis=(1, 2))
+    pf, tf = p.reshape(31, -1).T, t.reshape(31, -1).T
+    cos = [np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-8) for a, b in zip(pf, tf)]
+    return {"rmse": math.sqrt(mse), "psnr": 10 * math.log10(1 / mse),
+            "psnr_bandwise": float(np.mean(10 * np.log10(1 / band_mse))),
+            "ssim": float(np.mean([_np_ssim_band(a, b) for a, b in zip(p, t)])),
+            "sam": float(np.mean(np.degrees(np.arccos(np.clip(cos, -1, 1)))))}
+
+
+@settings(max_examples=10, deadline=None)
+@given(h=st.integers(11, 24), w=st.integers(11, 24), noise=st.floats(0.01, 0.3), seed=st.integers(0, 10**6))
+def test_metrics_match_independent_numpy_computation(h, w, noise, seed):
+    rng = np.random.default_rng(seed)
+    target = rng.random((31, h, w))
+    pred = target + noise * rng.standard_normal((31, h, w))  # goes outside [0, 1]: the clamp is tested too
+    ref = _np_metrics(pred, target)
+    for name, value in ref.items():
+        got = getattr(P, name)(torch.from_numpy(pred), torch.from_numpy(target)).item()
+        assert got == pytest.approx(value, rel=1e-9, abs=1e-9), name
+
+
+def test_metrics_average_per_image_over_a_batch():
+    rng = np.random.default_rng(0)
+    target = rng.random((2, 31, 12, 12))
+    pred = target + rng.uniform(0, 0.2, (2, 1, 1, 1)) * rng.standard_normal((2, 31, 12, 12))
+    for name in ("rmse", "psnr", "psnr_bandwise", "ssim", "sam"):
+        fn = getattr(P, name)
+        batch = fn(torch.from_numpy(pred), torch.from_numpy(target)).item()
+        single = np.mean([fn(torch.from_numpy(p), torch.from_numpy(t)).item() for p, t in zip(pred, target)])
+        assert batch == pytest.approx(single, rel=1e-12), name
+
+
+@settings(max_examples=10, deadline=None)
+@given(h=st.integers(11, 20), w=st.integers(11, 20), seed=st.integers(0, 10**6))
+def test_metrics_of_identical_images_are_perfect(h, w, seed):
+    x = torch.from_numpy(np.random.default_rng(seed).random((31, h, w)))
+    assert P.rmse(x, x).item() == 0 and P.psnr(x, x).item() == math.inf
+    assert P.ssim(x, x).item() == pytest.approx(1, abs=1e-12)
+    assert P.sam(x, x).item() == pytest.approx(0, abs=1e-5)  # arccos near 1 amplifies rounding
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10**6))
+def test_sam_ignores_per_pixel_scaling(seed):
+    rng = np.random.default_rng(seed)
+    target = torch.from_numpy(rng.uniform(0.1, 1, (31, 12, 12)))
+    pred = torch.from_numpy(rng.uniform(0.1, 1, (31, 12, 12)))
+    scale = torch.from_numpy(rng.uniform(0.2, 1, (1, 12, 12)))  # keeps pred in [0, 1]: no clamping
+    assert P.sam(pred * scale, target).item() == pytest.approx(P.sam(pred, target).item(), rel=1e-9)
+
+
+# ---- data ----
+
+DATA = Path(__file__).parent.parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data not found: real-data tests need "
+                                                          "the shared data beside the checkout")
+
+def _data_band_folder(root: Path, scene: str = "tiny", bands=range(1, 32), h: int = 6, w: int = 5,
+                      mode: str = "I;16") -> Path:
+    """A CAVE-style <scene>_ms/<scene>_ms/<scene>_ms_NN.png folder with band NN filled with value NN
+    (times 1000 in 16 bit); returns the outer folder."""
+    inner = root / f"{scene}_ms" / f"{scene}_ms"
+    inner.mkdir(parents=True)
+    for n in bands:
+        if mode == "I;16":
+            img = Image.fromarray(np.full((h, w), 1000 * n, np.uint16))
+        else:
+            img = Image.new(mode, (w, h), (n,) * len(mode))
+        img.save(inner / f"{scene}_ms_{n:02d}.png")
+    return root / f"{scene}_ms"
+
+
+def _data_error(path) -> str:
+    with pytest.raises(data.SceneError) as e:
+        data.load_scene(path)
+    return str(e.value)
+
+
+@needs_data
+def test_data_load_cave_png_folder_real():
+    cube = data.load_scene(DATA / "cave" / "paints_ms")
+    assert cube.shape == (512, 512, 31) and cube.dtype == np.float32
+    assert 0 <= cube.min() and 0.5 < cube.max() <= 1
+
+
+@needs_data
+def test_data_load_mat_real():
+    cube = data.load_scene(DATA / "cave" / "balloons_ms.mat")
+    raw = scipy.io.loadmat(DATA / "cave" / "balloons_ms.mat")["Omsi"]
+    assert cube.shape == (256, 256, 31)
+    np.testing.assert_allclose(cube, raw / 65535, atol=1e-6)
+
+
+def test_data_outer_and_inner_folder_agree(tmp_path):
+    outer = _data_band_folder(tmp_path)
+    cube = data.load_scene(outer)
+    np.testing.assert_array_equal(cube, data.load_scene(outer / "tiny_ms"))
+    np.testing.assert_allclose(cube[0, 0], np.arange(1, 32) * 1000 / 65535, rtol=1e-6)
+
+
+def test_data_missing_path_error(tmp_path):
+    assert "nowhere_ms" in _data_error(tmp_path / "nowhere_ms")
+
+
+def test_data_wrong_band_count_error(tmp_path):
+    msg = _data_error(_data_band_folder(tmp_path, bands=range(1, 31)))
+    assert "tiny_ms" in msg and "30 band" in msg and "missing band 31" in msg
+
+
+def test_data_missing_band_numbers_error(tmp_path):
+    msg = _data_error(_data_band_folder(tmp_path, bands=[*range(1, 7), *range(8, 32), 32]))
+    assert "missing band 07" in msg and "unexpected band 32" in msg
+
+
+def test_data_corrupt_png_error(tmp_path):
+    outer = _data_band_folder(tmp_path)
+    bad = outer / "tiny_ms" / "tiny_ms_12.png"
+    bad.write_bytes(bad.read_bytes()[:20])
+    assert "tiny_ms_12.png" in _data_error(outer)
+
+
+def test_data_band_sizes_differ_error(tmp_path):
+    outer = _data_band_folder(tmp_path)
+    Image.fromarray(np.zeros((7, 5), np.uint16)).save(outer / "tiny_ms" / "tiny_ms_09.png")
+    assert "tiny_ms_09.png" in _data_error(outer)
+
+
+def test_data_rgba_band_takes_first_channel(tmp_path):
+    cube = data.load_scene(_data_band_folder(tmp_path, mode="RGBA"))
+    np.testing.assert_allclose(cube[2, 3], np.arange(1, 32) / 255, rtol=1e-6)
+
+
+def test_data_8bit_band_scaled_by_255(tmp_path):
+    cube = data.load_scene(_data_band_folder(tmp_path, mode="L"))
+    np.testing.assert_allclose(cube[0, 0], np.arange(1, 32) / 255, rtol=1e-6)
+
+
+def test_data_stray_files_ignored(tmp_path):
+    outer = _data_band_folder(tmp_path)
+    inner = outer / "tiny_ms"
+    (inner / "Thumbs.db").write_bytes(b"\0junk")
+    (inner / "._tiny_ms_01.png").write_bytes(b"apple double")
+    Image.new("RGB", (5, 6)).save(inner / "tiny_RGB.bmp")
+    assert data.load_scene(outer).shape == (6, 5, 31)
+
+
+def test_data_mat_without_cube_error(tmp_path):
+    path = tmp_path / "odd.mat"
+    scipy.io.savemat(path, {"rgb": np.zeros((4, 4, 3)), "cube": np.zeros((4, 4, 30))})
+    msg = _data_error(path)
+    assert "odd.mat" in msg and "rgb (4, 4, 3)" in msg and "cube (4, 4, 30)" in msg
+
+
+def test_data_mat_v73_error(tmp_path):
+    path = tmp_path / "hdf.mat"
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .".ljust(116) + bytes(8) + b"\0\2IM"
+    path.write_bytes(header + bytes(512))
+    msg = _data_error(path)
+    assert "hdf.mat" in msg and "v7.3" in msg
+
+
+def test_data_mat_bands_first_moved(tmp_path):
+    cube = np.random.default_rng(0).integers(0, 65536, (31, 5, 4)).astype(np.uint16)
+    scipy.io.savemat(tmp_path / "t.mat", {"orig": cube})
+    np.testing.assert_allclose(data.load_scene(tmp_path / "t.mat"), np.moveaxis(cube, 0, -1) / 65535, rtol=1e-6)
+
+
+def test_data_float_counts_scaled_by_65535(tmp_path):
+    np.save(tmp_path / "f.npy", np.full((3, 3, 31), 4000.0))
+    np.testing.assert_allclose(data.load_scene(tmp_path / "f.npy"), 4000 / 65535, rtol=1e-6)
+
+
+def test_data_nan_npy_error(tmp_path):
+    cube = np.zeros((4, 4, 31), np.float32)
+    cube[1, 2, 3] = np.nan
+    np.save(tmp_path / "nan.npy", cube)
+    msg = _data_error(tmp_path / "nan.npy")
+    assert "nan.npy" in msg and "NaN" in msg
+
+
+def test_data_unsupported_extension_error(tmp_path):
+    (tmp_path / "cube.tif").write_bytes(b"II*\0")
+    assert "cube.tif" in _data_error(tmp_path / "cube.tif")
+
+
+def test_data_scene_name_matching():
+    assert data.scene_name("Egyptian_statue_ms") == data.scene_name("egyptian_statue") == "egyptian_statue"
+    assert data.scene_name(Path("x") / "Balloons_ms.mat") == "balloons"
+    assert data.split_scenes(["Egyptian_statue_ms", "paints_ms"])[2] == ["egyptian_statue"]
+
+
+def test_data_find_scenes(tmp_path):
+    _data_band_folder(tmp_path, scene="Paints")
+    np.save(tmp_path / "Flowers_ms.npy", np.zeros((2, 2, 31)))
+    scipy.io.savemat(tmp_path / "balloons_ms.mat", {"Omsi": np.zeros((2, 2, 31))})
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "runs").mkdir()
+    assert list(data.find_scenes(tmp_path)) == ["balloons", "flowers", "paints"]
+
+
+_DATA_OTHER_SCENES = ["paints", "sponges", "beads", "cd", "chart_and_stuffed_toy", "watercolors"]
+
+
+@given(st.sets(st.sampled_from(list(data.CAVE_TEST_SCENES) + _DATA_OTHER_SCENES), min_size=1), st.data())
+@settings(max_examples=50, deadline=None)
+def test_data_split_test_scenes_never_train(names, draw):
+    default = [n for n in names if n in data.CAVE_TEST_SCENES]
+    candidates = sorted(set(names) - set(default))
+    val = draw.draw(st.lists(st.sampled_from(candidates), unique=True)) if candidates else []
+    train, val_out, test = data.split_scenes(sorted(names), val_scenes=val)
+    assert sorted(test) == sorted(default) and val_out == val
+    assert sorted(train + val_out + test) == sorted(names)
+
+
+def test_data_split_all_train_without_cave_test_scenes():
+    assert data.split_scenes(["demo_00", "demo_01"]) == (["demo_00", "demo_01"], [], [])
+
+
+def test_data_split_unknown_scene_error():
+    with pytest.raises(data.SceneError, match="nope.*paints"):
+        data.split_scenes(["paints", "sponges"], test_scenes=["nope"])
+
+
+@needs_data
+@pytest.mark.parametrize("name,file", [("cie1964", "cie1964_10deg"), ("cie1931", "cie1931_2deg"),
+                                       ("nikon_d700", "nikon_d700"), ("canon_5dmarkii", "canon_5dmarkii")])
+def test_data_srf_tables_equal_csv(name, file):
+    with open(DATA / "srf" / f"{file}_400_700_10nm.csv") as f:
+        rows = list(csv.reader(f))[1:]
+    assert [int(r[0]) for r in rows] == list(data.WAVELENGTHS)
+    assert np.array_equal(np.array(data.SRF_TABLES[name]), np.array(rows, dtype=np.float64)[:, 1:])
+
+
+@needs_data
+def test_data_colorchecker_equals_csv():
+    with open(DATA / "reflectance" / "colorchecker_babelcolor_400_700_10nm.csv") as f:
+        rows = list(csv.reader(f))[1:]
+    assert np.array_equal(data.COLORCHECKER, np.array(rows, dtype=np.float64)[:, 1:])
+
+
+@pytest.mark.parametrize("name", list(data.SRF_TABLES))
+def test_data_srf_rows_sum_to_one(name):
+    s = data.srf_matrix(name)
+    assert s.shape == (3, 31) and s.dtype == np.float32 and (s >= 0).all()
+    np.testing.assert_allclose(s.sum(axis=1), 1, rtol=1e-6)
+
+
+def test_data_srf_unknown_name_lists_choices():
+    with pytest.raises(ValueError, match="cie1964.*canon_5dmarkii"):
+        data.srf_matrix("sony")
+
+
+def test_data_rgb_numpy_torch_agree():
+    hsi = np.random.default_rng(0).random((2, 7, 5, 31), dtype=np.float32)
+    out_np = data.rgb_from_hsi(hsi, "nikon_d700")
+    out_t = data.rgb_from_hsi(torch.from_numpy(hsi).permute(0, 3, 1, 2), "nikon_d700")
+    assert out_np.shape == (2, 7, 5, 3) and out_t.shape == (2, 3, 7, 5)
+    np.testing.assert_allclose(out_t.permute(0, 2, 3, 1).numpy(), out_np, rtol=1e-5, atol=1e-7)
+    assert 0 <= out_np.min() and out_np.max() <= 1
+
+
+def test_data_load_rgb_modes(tmp_path):
+    Image.fromarray(np.full((3, 4), 30000, np.uint16)).save(tmp_path / "grey16.png")
+    Image.new("RGBA", (4, 3), (255, 0, 51, 7)).save(tmp_path / "rgba.png")
+    np.testing.assert_allclose(data.load_rgb(tmp_path / "grey16.png"), 30000 / 65535, rtol=1e-6)
+    np.testing.assert_allclose(data.load_rgb(tmp_path / "rgba.png")[1, 2], [1, 0, 0.2], rtol=1e-6)
+
+
+def test_data_load_rgb_bad_file_error(tmp_path):
+    (tmp_path / "x.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(data.SceneError, match="x.jpg"):
+        data.load_rgb(tmp_path / "x.jpg")
+
+
+def test_data_save_cube_round_trip(tmp_path):
+    cube = np.random.default_rng(1).random((5, 4, 31), dtype=np.float32)
+    npy, mat = data.save_cube(tmp_path / "out" / "scene.v1", cube)
+    assert npy.name == "scene.v1.npy" and mat.name == "scene.v1.mat"
+    np.testing.assert_array_equal(data.load_scene(npy), cube)
+    np.testing.assert_array_equal(data.load_scene(mat), cube)
+    np.testing.assert_array_equal(scipy.io.loadmat(mat)["wavelengths"].ravel(), data.WAVELENGTHS)
+
+
+def test_data_save_png_8bit(tmp_path):
+    data.save_png(tmp_path / "p.png", np.array([[0.0, 0.5, 2.0]]))
+    img = Image.open(tmp_path / "p.png")
+    assert img.mode == "L" and np.asarray(img).tolist() == [[0, 128, 255]]
+
+
+def test_data_demo_scenes_valid():
+    scenes = data.demo_scenes(n=3, size=40, seed=5)
+    assert [name for name, _ in scenes] == ["demo_00", "demo_01", "demo_02"]
+    for _, hsi in scenes:
+        assert hsi.shape == (40, 40, 31) and hsi.dtype == np.float32
+        assert 0 <= hsi.min() and hsi.max() <= 1 and hsi.std() > 0.01
+
+
+def test_data_demo_scenes_deterministic():
+    a, b, c = data.demo_scenes(2, 32, seed=3), data.demo_scenes(2, 32, seed=3), data.demo_scenes(2, 32, seed=4)
+    assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, b))
+    assert not np.array_equal(a[0][1], c[0][1])
+
+
+@given(st.integers(1, 64), st.integers(1, 64), st.integers(0, 10000))
+def test_labels_count(h, w, permyriad):
+    expected = 0 if permyriad == 0 else max(1, permyriad * h * w // 10000)
+    assert len(data.draw_label_set(h, w, permyriad / 10000, seed=0)) == expected
+
+
+@given(st.integers(1, 64), st.integers(1, 64), st.floats(0, 1), st.integers(0, 2**32 - 1))
+def test_labels_distinct_in_range(h, w, ratio, seed):
+    labels = data.draw_label_set(h, w, ratio, seed)
+    assert labels.shape[1] == 2 and labels.dtype == np.int64
+    assert ((labels >= 0) & (labels < (h, w))).all()
+    assert len({tuple(p) for p in labels}) == len(labels)
+
+
+def test_labels_ratio_one_is_every_pixel():
+    labels = data.draw_label_set(3, 4, 1.0, seed=0)
+    assert sorted(map(tuple, labels)) == [(r, c) for r in range(3) for c in range(4)]
+
+
+def test_labels_fixed_per_seed():
+    seed = data.scene_seed(7, "Egyptian_statue_ms")
+    assert seed == data.scene_seed(7, "egyptian_statue") != data.scene_seed(8, "egyptian_statue")
+    a, b = data.draw_label_set(512, 512, 1e-3, seed), data.draw_label_set(512, 512, 1e-3, seed)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, data.draw_label_set(512, 512, 1e-3, data.scene_seed(7, "clay")))
+
+
+def _data_coord_scene(h: int, w: int) -> np.ndarray:
+    """An HSI whose band 0 encodes the pixel's row and band 1 its column, so that a spectrum says where it
+    came from after any crop, flip or rotation."""
+    hsi = np.full((h, w, 31), 0.5, np.float32)
+    hsi[..., 0] = (np.arange(h)[:, None] + 1) / 256
+    hsi[..., 1] = (np.arange(w)[None, :] + 1) / 256
+    return hsi
+
+
+@pytest.mark.parametrize("rot", range(4))
+@pytest.mark.parametrize("flip", [False, True])
+def test_labels_move_with_augmentation(rot, flip):
+    h, w, p = 40, 36, 16
+    labels = data.draw_label_set(h, w, 0.05, seed=1)
+    ds = data.PatchDataset([(_data_coord_scene(h, w), labels)], patch=p, stride=8)
+    s = data.srf_matrix()
+    for i, (_, top, left) in enumerate(ds.index):
+        rgb, target, mask = ds.crop(i, rot, flip)
+        inside = {(r, c) for r, c in labels if top <= r < top + p and left <= c < left + p}
+        assert int(mask.sum()) == len(inside)
+        assert torch.equal(target, target * mask)  # zero outside the labelled pixels
+        ys, xs = torch.nonzero(mask[0], as_tuple=True)
+        origin = {(round(float(target[0, y, x]) * 256) - 1, round(float(target[1, y, x]) * 256) - 1)
+                  for y, x in zip(ys, xs)}
+        assert origin == inside  # every labelled spectrum sits on a pixel of the mask and came from a label
+        # and the RGB moved with them: X = S.Y at every labelled pixel
+        np.testing.assert_allclose(rgb[:, ys, xs].numpy(), s @ target[:, ys, xs].numpy(), rtol=1e-5)
+
+
+def test_data_patch_is_rigid_transform_of_scene():
+    hsi = np.random.default_rng(2).random((20, 20, 31), dtype=np.float32)
+    ds = data.PatchDataset([(hsi, np.zeros((0, 2)))], patch=12, stride=8)
+    rgb_scene = data.rgb_from_hsi(hsi)
+    _, top, left = ds.index[-1]
+    expected = np.fliplr(np.rot90(rgb_scene[top:top + 12, left:left + 12], 3))
+    np.testing.assert_allclose(ds.crop(len(ds) - 1, 3, True)[0].permute(1, 2, 0).numpy(), expected, rtol=1e-5)
+
+
+def test_data_patch_positions_cover_scene():
+    ds = data.PatchDataset([(np.zeros((200, 128, 31)), np.zeros((0, 2))), (np.zeros((512, 512, 31)), [[3, 4]])])
+    assert [(t, l) for s, t, l in ds.index if s == 0] == [(0, 0), (64, 0), (72, 0)]
+    assert len(ds) == 3 + 7 * 7
+
+
+def test_data_patch_small_scene_padded_without_labels():
+    ds = data.PatchDataset([(np.full((10, 12, 31), 0.5), [[9, 11]])], patch=16)
+    rgb, target, mask = ds.crop(0)
+    assert len(ds) == 1 and rgb.shape == (3, 16, 16) and int(mask.sum()) == 1 and bool(mask[0, 9, 11])
+    assert float(rgb[:, 10:].abs().sum()) == 0 and float(target[:, :, 12:].abs().sum()) == 0
+
+
+def test_data_patch_batch_augmentation_reproducible():
+    hsi = np.random.default_rng(3).random((24, 24, 31), dtype=np.float32)
+    ds = data.PatchDataset([(hsi, data.draw_label_set(24, 24, 0.1, 0))], patch=16, stride=8)
+    idx = list(range(len(ds)))
+    first = ds.batch(idx, torch.Generator().manual_seed(0))
+    again = ds.batch(idx, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    plain = torch.stack([ds[i][0] for i in idx])
+    assert not torch.equal(first[0], plain)  # some were augmented
+
+
+# ---- train.py: fit, eval, predict ----
+
+FAST = ["--patch", "32", "--stride", "32", "--batch-size", "2"]
+
+
+def _scene_dir(tmp_path, scenes: dict[str, np.ndarray]):
+    root = tmp_path / "scenes"
+    root.mkdir()
+    for name, cube in scenes.items():
+        np.save(root / f"{name}.npy", cube)
+    return root
+
+
+def _demo_dir(tmp_path):
+    return _scene_dir(tmp_path, {n: c[:48, :48] for n, c in data.demo_scenes(n=3, size=64)})
+
+
+def _weights(path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_fit_resumed_after_a_crash_mid_epoch_ends_with_the_same_weights(tmp_path, monkeypatch):
+    root = _demo_dir(tmp_path)
+    args = ["fit", "--data", str(root), "--epochs", "3", "--test-scenes", "demo_02", *FAST]
+    assert train.main(args + ["--out", str(tmp_path / "straight")]) == 0
+
+    calls, real_loss = [0], P.pixel_ssr_loss
+
+    def crash_in_epoch_two(*a, **k):  # 2 scenes x 4 patches / batch 2 = 4 steps an epoch
+        calls[0] += 1
+        if calls[0] == 6:
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(P, "pixel_ssr_loss", crash_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--out", str(tmp_path / "crashed")])
+    assert torch.load(tmp_path / "crashed" / "last.pt", weights_only=True)["step"] == 4  # end of epoch one
+    monkeypatch.setattr(P, "pixel_ssr_loss", real_loss)
+    assert train.main(args + ["--out", str(tmp_path / "crashed"), "--resume"]) == 0
+
+    straight, resumed = _weights(tmp_path / "straight" / "last.pt"), _weights(tmp_path / "crashed" / "last.pt")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_label_sets_are_fixed_counted_and_drawn_only_from_training_scenes(tmp_path):
+    root = _demo_dir(tmp_path)
+    out = tmp_path / "run"
+    assert train.main(["fit", "--data", str(root), "--out", str(out), "--epochs", "1", "--label-ratio", "0.01",
+                       "--test-scenes", "demo_02", "--val-scenes", "demo_01", *FAST]) == 0
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert set(ckpt["labels"]) == {"demo_00"} and ckpt["split"]["test"] == ["demo_02"]
+    coords = ckpt["labels"]["demo_00"]["coords"].numpy()
+    assert len(coords) == max(1, int(0.01 * 48 * 48))
+    np.testing.assert_array_equal(coords, data.draw_label_set(48, 48, 0.01, data.scene_seed(0, "demo_00")))
+    cube = np.load(root / "demo_00.npy")
+    np.testing.assert_allclose(ckpt["labels"]["demo_00"]["spectra"].numpy(), cube[coords[:, 0], coords[:, 1]])
+    assert (out / "best.pt").is_file()  # validation scenes choose best.pt
+
+
+def test_unsupervised_mode_has_no_labels_and_fits_gamma_to_the_rgb(tmp_path):
+    root = _demo_dir(tmp_path)
+    out = tmp_path / "run"
+    assert train.main(["fit", "--data", str(root), "--out", str(out), "--epochs", "1", "--label-ratio", "0",
+                       "--test-scenes", "demo_02", *FAST]) == 0
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert all(len(v["coords"]) == 0 for v in ckpt["labels"].values())
+    assert all(np.isfinite(ckpt["gamma"])) and min(ckpt["gamma"]) > 0
+
+
+def _real_crops(tmp_path):
+    cave = DATA / "cave"
+    crops = {n: data.load_scene(cave / f)[100:164, 200:264] for n, f in
+             [("paints", "paints_ms"), ("sponges", "sponges_ms"), ("balloons", "balloons_ms.mat"),
+              ("fake_and_real_sushi", "fake_and_real_sushi_ms")]}
+    return _scene_dir(tmp_path, crops)
+
+
+@needs_data
+def test_fit_eval_predict_end_to_end_on_real_crops(tmp_path):
+    root = _real_crops(tmp_path)
+    run, ev, pr = tmp_path / "run", tmp_path / "eval", tmp_path / "pred"
+    assert train.main(["fit", "--data", str(root), "--out", str(run), "--epochs", "1", "--label-ratio", "0.01",
+                       "--test-scenes", "fake_and_real_sushi", *FAST]) == 0
+    assert train.main(["eval", "--ckpt", str(run / "last.pt"), "--data", str(root), "--out", str(ev),
+                       "--seeds", "2"]) == 0
+    report = json.loads((ev / "metrics.json").read_text())
+    assert list(report["scenes"]) == ["fake_and_real_sushi"] and report["seeds"] == [0, 1]
+    assert {"rmse", "psnr", "psnr_bandwise", "ssim", "sam"} <= set(report["overall"])
+    assert "root_poly_baseline" in report  # 3 scenes x 40 labelled pixels: enough to fit it
+    cube = data.load_scene(ev / "fake_and_real_sushi" / "cube.mat")
+    np.testing.assert_allclose(cube, np.load(ev / "fake_and_real_sushi" / "cube.npy"))
+    assert cube.shape == (64, 64, 31)
+    assert scipy.io.loadmat(ev / "fake_and_real_sushi" / "cube.mat")["wavelengths"].size == 31
+    for f in ("preview.png", "error_rmse_0-0.1.png", "spectra.csv"):
+        assert (ev / "fake_and_real_sushi" / f).is_file()
+    assert train.main(["predict", "--ckpt", str(run / "last.pt"), "--rgb", str(ev / "fake_and_real_sushi" / "preview.png"),
+                       "--out", str(pr), "--tile", "48"]) == 0
+    assert np.load(pr / "cube.npy").shape == (64, 64, 31)
+
+
+def test_tiled_reconstruction_covers_the_image_and_matches_on_one_tile():
+    torch.manual_seed(0)
+    m = P.DyProMamba(P.Config(width=8, d_state=4)).eval()
+    rgb, pts = torch.rand(3, 40, 52), torch.zeros(31, 40, 52)
+    whole = train.reconstruct(m, rgb, pts)
+    assert torch.equal(train.reconstruct(m, rgb, pts, tile=64), whole)  # one tile: the whole image
+    tiled = train.reconstruct(m, rgb, pts, tile=24, overlap=8)
+    assert tiled.shape == whole.shape and torch.isfinite(tiled).all()
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["fit", "--data", "/no/such/folder", "--out", "{tmp}/r"], "/no/such/folder"),
+    (["eval", "--ckpt", "{tmp}/missing.pt"], "missing.pt"),
+    (["predict", "--ckpt", "{tmp}/bad.pt", "--rgb", "x.png"], "bad.pt"),
+    (["fit", "--data", "{tmp}/nan", "--out", "{tmp}/r"], "nan_scene.npy"),
+])
+def test_bad_input_gives_one_sentence_naming_the_file_and_no_traceback(tmp_path, capsys, argv, words):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "nan").mkdir()
+    cube = np.full((40, 40, 31), 0.5, np.float32)
+    cube[3, 4, 5] = np.nan
+    np.save(tmp_path / "nan" / "nan_scene.npy", cube)
+    assert train.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_root_polynomial_regression_is_exact_on_spectra_it_can_represent():
+    rng = np.random.default_rng(0)
+    rgb = rng.uniform(0.05, 1, (50, 3))
+    W = rng.standard_normal((6, 31))
+    spectra = train.root_poly_features(rgb) @ W
+    np.testing.assert_allclose(train.fit_root_poly(rgb, spectra, ridge=0), W, rtol=1e-6, atol=1e-8)
+    f = train.root_poly_features(rgb * 2.5)  # root-polynomial terms scale with exposure
+    np.testing.assert_allclose(f, 2.5 * train.root_poly_features(rgb), rtol=1e-12)
+
+
+def test_learning_rate_decays_polynomially_to_zero():
+    cfg = train.TrainConfig()
+    assert train.get_lr(0, 100, cfg) == cfg.lr and train.get_lr(100, 100, cfg) == 0
+    assert train.get_lr(50, 100, cfg) == pytest.approx(cfg.lr * 0.5**1.5)

@@ -1,0 +1,455 @@
+"""
+Train, evaluate and apply Pixel-SSR: one script, read top to bottom.
+
+  python train.py                                   # built-in demo: short fit on synthetic scenes, then eval
+  python train.py fit --data DIR --out RUN [--label-ratio 0.0001] [--epochs N | --max-minutes M] [--resume]
+  python train.py eval --ckpt RUN/last.pt --data DIR --out DIR [--seeds K] [--scenes A B ...]
+  python train.py predict --ckpt CKPT --rgb IMAGE --out DIR
+
+The protocol (paper Sec. 3.1 and 4.1, DESIGN.md "train.py"):
+  - every training scene gets one fixed set of labelled pixels, max(1, floor(omega.H.W)), drawn once
+    from the run seed and saved in the checkpoint: a spectrometer measures fixed points;
+  - the network input is a fresh sparse Gamma cube every step, Gamma(alpha, theta) fitted to the
+    labelled spectra by moments; evaluation fixes it by seed and reports mean +- std over seeds;
+  - Adam (2e-4, betas 0.9/0.99), polynomial decay with power 1.5 to zero, batch 8 of 128x128 patches;
+  - validation scenes (taken out of training) pick best.pt; test scenes never choose anything.
+
+Exact resume: every random choice of a step (batch order, augmentation, Gamma cube) is drawn from a
+generator seeded by (run seed, epoch, step), so a checkpoint needs no RNG state to continue exactly.
+
+Glossary: omega = --label-ratio; Y^p = the labelled spectra; X = rgb = S.Y with S = the spectral
+response (--srf); Y^r = the network's HSI; alpha, theta = Gamma shape and scale.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import pixelssr as P
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    label_ratio: float = 1e-4       # omega: 0.01 %, the paper's headline setting (Table 1)
+    epochs: int = 200               # paper Sec. 4.1
+    max_minutes: float = 0.0        # > 0: stop after this long; alone, it also sets the lr schedule's length
+    batch_size: int = 8             # patches per step
+    patch: int = 128                # the paper's minimum input size
+    stride: int = 64                # patch positions of an epoch
+    lr: float = 2e-4                # Adam, paper Sec. 4.1
+    lr_power: float = 1.5           # polynomial decay to zero, paper Sec. 4.1
+    seed: int = 0                   # label sets, init, batches, augmentation, Gamma cubes
+    srf: str = "cie1964"            # S: RGB = S.Y (NTIRE 2020 "clean" convention)
+    points: str = "gamma"           # input point spectra: gamma, gaussian or zeros (Table 3 ablation)
+    val_seeds: int = 1              # Gamma draws per validation scene
+
+
+# -----------------------------------------------------------------------------
+# small helpers
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise data.SceneError("--device cuda was asked for, but torch sees no CUDA device.")
+    return torch.device(name)
+
+
+def seeded(*keys: int) -> torch.Generator:
+    """A CPU generator whose state is a pure function of the keys (run seed, epoch, step, ...)."""
+    return torch.Generator().manual_seed(hash(keys) % 2**62)
+
+
+def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Polynomial decay from cfg.lr to zero with power cfg.lr_power (paper Sec. 4.1)."""
+    return cfg.lr * (1 - min(step, total_steps) / total_steps) ** cfg.lr_power
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """Write a checkpoint so that a run killed mid-write never leaves a broken file behind."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not Path(path).is_file():
+        raise data.SceneError(f"{path}: no such checkpoint file.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which, not where in the unpickler
+        raise data.SceneError(f"{path}: not a readable pixelssr checkpoint ({type(e).__name__}).") from None
+
+
+def build_model(ckpt: dict, device: torch.device) -> P.DyProMamba:
+    model = P.DyProMamba(P.Config(**ckpt["model_config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def load_scenes(root: str | None, names: list[str]) -> dict[str, np.ndarray]:
+    """name -> (H, W, 31) cube, from a data folder, or the built-in demo scenes when root is None."""
+    if root is None:
+        demo = dict(data.demo_scenes())
+        return {n: demo[n] for n in names}
+    found = data.find_scenes(root)
+    missing = [n for n in names if data.scene_name(n) not in found]
+    if missing:
+        raise data.SceneError(f"{root}: no scene named {', '.join(missing)} (found: {', '.join(found)}).")
+    return {data.scene_name(n): data.load_scene(found[data.scene_name(n)]) for n in names}
+
+
+def scene_names(root: str | None) -> list[str]:
+    return [n for n, _ in data.demo_scenes()] if root is None else sorted(data.find_scenes(root))
+
+
+# -----------------------------------------------------------------------------
+# reconstruction and evaluation
+
+@torch.no_grad()
+def reconstruct(model: P.DyProMamba, rgb: torch.Tensor, points: torch.Tensor, tile: int = 0,
+                overlap: int = 32) -> torch.Tensor:
+    """Y^r for one image. rgb (3, H, W), points (31, H, W) -> (31, H, W), on the model's device.
+
+    tile = 0 runs the whole image at once (the evaluation protocol). tile > 0 runs overlapping
+    tile x tile windows and blends them with a tent weight, so memory stays bounded on large photos.
+    """
+    dev = next(model.parameters()).device
+    rgb, points = rgb.to(dev), points.to(dev)
+    H, W = rgb.shape[-2:]
+    if tile <= 0 or (H <= tile and W <= tile):
+        return model(rgb[None], points[None])[0][0]
+    out = torch.zeros(points.shape, device=dev)
+    weight = torch.zeros(1, H, W, device=dev)
+    step = tile - overlap
+    ramp = torch.minimum(torch.arange(tile, device=dev) + 1.0, torch.arange(tile, 0, -1, device=dev).float())
+    for top in sorted({*range(0, max(H - tile, 0) + 1, step), max(H - tile, 0)}):
+        for left in sorted({*range(0, max(W - tile, 0) + 1, step), max(W - tile, 0)}):
+            win = (slice(None), slice(top, top + tile), slice(left, left + tile))
+            y = model(rgb[win][None], points[win][None])[0][0]
+            wgt = (ramp[: y.shape[-2], None] * ramp[None, : y.shape[-1]])[None]
+            out[win] += y * wgt
+            weight[win] += wgt
+    return out / weight
+
+
+def metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """The paper's four metrics (plus band-wise PSNR) on one whole (31, H, W) image."""
+    fns = {"rmse": P.rmse, "psnr": P.psnr, "psnr_bandwise": P.psnr_bandwise, "ssim": P.ssim, "sam": P.sam}
+    pred, target = pred.double().cpu(), target.double().cpu()
+    return {k: float(f(pred, target)) for k, f in fns.items()}
+
+
+def eval_scene(model, hsi: np.ndarray, srf: torch.Tensor, ratio: float, gamma: tuple[float, float],
+               points: str, seed: int, tile: int = 0) -> tuple[torch.Tensor, dict]:
+    """Reconstruct one scene from its RGB and a seeded point cube; return (pred (31, H, W), metrics)."""
+    target = torch.from_numpy(hsi).permute(2, 0, 1)  # (31, H, W)
+    rgb = data.rgb_from_hsi(target[None], srf)[0]
+    pts = P.sample_points((1, *target.shape), ratio, *gamma, generator=seeded(seed), dist=points)[0]
+    pred = reconstruct(model, rgb, pts, tile).clamp(0, 1).cpu()
+    return pred, metrics(pred, target)
+
+
+def root_poly_features(rgb: np.ndarray) -> np.ndarray:
+    """Degree-2 root-polynomial terms (Finlayson et al. 2015): r, g, b, sqrt(rg), sqrt(gb), sqrt(rb).
+    They scale linearly with exposure, which is why this regression is the classical baseline."""
+    r, g, b = np.clip(rgb, 0, None).T
+    return np.stack([r, g, b, np.sqrt(r * g), np.sqrt(g * b), np.sqrt(r * b)], 1)
+
+
+def fit_root_poly(rgb: np.ndarray, spectra: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
+    """Least-squares map (6, 31) from root-polynomial RGB features (k, 3) to spectra (k, 31)."""
+    f = root_poly_features(rgb)
+    return np.linalg.solve(f.T @ f + ridge * np.eye(f.shape[1]), f.T @ spectra)
+
+
+# -----------------------------------------------------------------------------
+# fit
+
+def make_label_sets(scenes: dict[str, np.ndarray], ratio: float, seed: int, srf: torch.Tensor) -> dict:
+    """The fixed labelled pixels of every training scene: coords (k, 2), their spectra and RGB."""
+    labels = {}
+    for name, hsi in scenes.items():
+        coords = data.draw_label_set(*hsi.shape[:2], ratio, data.scene_seed(seed, name))
+        spectra = torch.from_numpy(hsi[coords[:, 0], coords[:, 1]]) if len(coords) else torch.zeros(0, hsi.shape[2])
+        labels[name] = {"coords": torch.from_numpy(coords).long(), "spectra": spectra,
+                        "rgb": spectra @ srf.T}
+    return labels
+
+
+def gamma_params(labels: dict, scenes: dict[str, np.ndarray], srf: torch.Tensor) -> tuple[float, float]:
+    """Gamma(alpha, theta) of the labelled spectra; with no labels, of the training RGB values."""
+    spectra = torch.cat([v["spectra"] for v in labels.values()])
+    if spectra.numel() >= 2 and spectra.var() > 0:
+        return P.fit_gamma(spectra)
+    rgb = torch.cat([data.rgb_from_hsi(torch.from_numpy(h).permute(2, 0, 1)[None], srf).flatten() for h in scenes.values()])
+    return P.fit_gamma(rgb)
+
+
+def fit(args) -> Path:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(args.device)
+    ckpt = load_checkpoint(out / "last.pt") if args.resume else None
+    if ckpt is not None:
+        cfg = TrainConfig(**ckpt["train_config"])
+        mcfg = P.Config(**ckpt["model_config"])
+        split = ckpt["split"]
+    else:
+        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+        mcfg = P.Config(points=cfg.points)
+        train, val, test = data.split_scenes(scene_names(args.data), args.test_scenes, args.val_scenes)
+        split = {"train": train, "val": val, "test": test}
+    if not split["train"]:
+        raise data.SceneError(f"{args.data}: no training scenes left after the test/validation split.")
+    srf = torch.from_numpy(data.srf_matrix(cfg.srf))
+    train_scenes = load_scenes(args.data, split["train"])
+    val_scenes = load_scenes(args.data, split["val"])
+    if ckpt is not None:
+        labels, gamma = ckpt["labels"], tuple(ckpt["gamma"])
+    else:
+        labels = make_label_sets(train_scenes, cfg.label_ratio, cfg.seed, srf)
+        gamma = gamma_params(labels, train_scenes, srf)
+
+    dataset = data.PatchDataset([(train_scenes[n], labels[n]["coords"].numpy()) for n in split["train"]],
+                                srf.numpy(), patch=cfg.patch, stride=cfg.stride)
+    steps_per_epoch = max(1, len(dataset) // cfg.batch_size)
+    torch.manual_seed(cfg.seed)
+    model = P.DyProMamba(mcfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8)
+    step, best, total_steps = 0, -math.inf, cfg.epochs * steps_per_epoch
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, best, total_steps = ckpt["step"], ckpt["best_psnr"], ckpt["total_steps"]
+    srf_dev = srf.to(device)
+
+    def checkpoint(path: Path) -> None:
+        save_atomic({"model_config": dataclasses.asdict(mcfg), "train_config": dataclasses.asdict(cfg),
+                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                     "total_steps": total_steps, "best_psnr": best, "split": split, "labels": labels,
+                     "gamma": list(gamma)}, path)
+
+    print(f"training on {len(split['train'])} scenes ({', '.join(split['train'])}), "
+          f"{sum(len(v['coords']) for v in labels.values())} labelled pixels, {len(dataset)} patches/epoch, "
+          f"Gamma alpha={gamma[0]:.3f} theta={gamma[1]:.4f}, device {device}")
+    log = open(out / "log.jsonl", "a")
+    t0 = time.time()
+    budget = cfg.max_minutes * 60
+    timed_schedule = cfg.max_minutes > 0 and not args.epochs_given and ckpt is None
+    pbar = tqdm(total=total_steps, initial=step, dynamic_ncols=True)
+    while step < total_steps:
+        epoch, i = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(dataset), generator=seeded(cfg.seed, epoch))
+        g = seeded(cfg.seed, epoch, i)
+        rgb, target, mask = (t.to(device) for t in dataset.batch(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], g))
+        points = P.sample_points(target.shape, cfg.label_ratio, *gamma, generator=g, dist=mcfg.points, device=device)
+        lr = get_lr(step, total_steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        hsi, y3 = model(rgb, points)
+        loss, terms = P.pixel_ssr_loss(model, rgb, hsi, y3, target, mask, srf_dev)
+        if not torch.isfinite(loss):
+            raise data.SceneError(f"{out}: the loss became {loss.item()} at step {step}; "
+                                  f"{out / 'last.pt'} holds the last good state.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        pbar.update(1)
+        pbar.set_postfix({k: f"{v.item():.4f}" for k, v in terms.items()} | {"lr": f"{lr:.2e}"})
+        log.write(json.dumps({"step": step, "epoch": epoch, "lr": lr, "loss": loss.item(),
+                              **{k: v.item() for k, v in terms.items()}}) + "\n")
+        if timed_schedule and step == 3:  # the first steps tell how many fit in the time budget
+            total_steps = max(step + 1, int(budget / ((time.time() - t0) / step)))
+            pbar.total = total_steps
+        out_of_time = budget > 0 and time.time() - t0 > budget
+        if step % steps_per_epoch == 0 or step == total_steps or out_of_time:
+            if val_scenes and (step % steps_per_epoch == 0 or step == total_steps):
+                model.eval()
+                psnr = float(np.mean([eval_scene(model, h, srf, cfg.label_ratio, gamma, mcfg.points, s)[1]["psnr"]
+                                for h in val_scenes.values() for s in range(cfg.val_seeds)]))
+                log.write(json.dumps({"step": step, "val_psnr": psnr}) + "\n")
+                if psnr > best:
+                    best = psnr
+                    checkpoint(out / "best.pt")
+            checkpoint(out / "last.pt")
+        if out_of_time:
+            print(f"\nstopped after {cfg.max_minutes} minutes at step {step}/{total_steps}; "
+                  f"--resume continues from {out / 'last.pt'}")
+            break
+    pbar.close()
+    log.close()
+    return out / ("best.pt" if val_scenes else "last.pt")
+
+
+# -----------------------------------------------------------------------------
+# eval and predict
+
+def write_outputs(out: Path, pred: torch.Tensor, srf: torch.Tensor, target: torch.Tensor | None = None) -> None:
+    """Cube (.npy, .mat), RGB preview, and for a known target: per-pixel RMSE map and spectral curves."""
+    out.mkdir(parents=True, exist_ok=True)
+    cube = pred.permute(1, 2, 0).numpy()  # (H, W, 31), the on-disk layout
+    data.save_cube(out / "cube", cube)
+    data.save_png(out / "preview.png", data.rgb_from_hsi(cube, srf.numpy()))
+    H, W = cube.shape[:2]
+    pix = [(H // 2, W // 2), (H // 4, W // 4), (3 * H // 4, W // 4), (H // 4, 3 * W // 4), (3 * H // 4, 3 * W // 4)]
+    cols, rows = ["wavelength_nm"], [list(data.WAVELENGTHS)]
+    for r, c in pix:
+        cols.append(f"pred_{r}_{c}")
+        rows.append(cube[r, c].tolist())
+        if target is not None:
+            cols.append(f"true_{r}_{c}")
+            rows.append(target[:, r, c].tolist())
+    with open(out / "spectra.csv", "w") as f:
+        f.write(",".join(cols) + "\n")
+        f.writelines(",".join(f"{v:.6g}" for v in row) + "\n" for row in zip(*rows))
+    if target is not None:
+        err = ((pred - target) ** 2).mean(0).sqrt().numpy()  # per-pixel RMSE over bands
+        data.save_png(out / "error_rmse_0-0.1.png", np.clip(err / 0.1, 0, 1))  # fixed scale: maps compare across runs
+
+
+def summarise(values: list[dict]) -> dict:
+    return {k: {"mean": float(np.mean([v[k] for v in values])), "std": float(np.std([v[k] for v in values]))}
+            for k in values[0]}
+
+
+def evaluate(args) -> dict:
+    ckpt = load_checkpoint(args.ckpt)
+    device = pick_device(args.device)
+    model = build_model(ckpt, device)
+    cfg = TrainConfig(**ckpt["train_config"])
+    srf = torch.from_numpy(data.srf_matrix(cfg.srf))
+    gamma, points = tuple(ckpt["gamma"]), ckpt["model_config"]["points"]
+    names = [data.scene_name(n) for n in args.scenes or ckpt["split"]["test"]]
+    if not names:
+        raise data.SceneError(f"{args.data}: no test scenes; name some with --scenes.")
+    if set(names) & set(ckpt["split"]["train"]):
+        print(f"warning: {sorted(set(names) & set(ckpt['split']['train']))} were training scenes.")
+    # the classical floor: root-polynomial regression fitted on the very same labelled pixels
+    lab_rgb = torch.cat([v["rgb"] for v in ckpt["labels"].values()]).numpy()
+    lab_spec = torch.cat([v["spectra"] for v in ckpt["labels"].values()]).numpy()
+    rp = fit_root_poly(lab_rgb, lab_spec) if len(lab_rgb) >= 6 else None
+    out = Path(args.out)
+    report = {"checkpoint": str(args.ckpt), "label_ratio": cfg.label_ratio,
+              "labelled_pixels": int(len(lab_rgb)), "seeds": list(range(args.seeds)),
+              "psnr_convention": "psnr: 10 log10(1/MSE) over the whole cube per image; psnr_bandwise: mean of per-band PSNR",
+              "scenes": {}}
+    per_seed_all, baseline_all = [], []
+    for name, hsi in load_scenes(args.data, names).items():
+        target = torch.from_numpy(hsi).permute(2, 0, 1)
+        runs = [eval_scene(model, hsi, srf, cfg.label_ratio, gamma, points, s, args.tile) for s in range(args.seeds)]
+        write_outputs(out / name, runs[0][0], srf, target)
+        entry = summarise([m for _, m in runs])
+        if rp is not None:
+            rgb = data.rgb_from_hsi(hsi, srf.numpy()).reshape(-1, 3)
+            base = torch.from_numpy((root_poly_features(rgb) @ rp).reshape(hsi.shape)).permute(2, 0, 1).float()
+            entry["root_poly_baseline"] = metrics(base.clamp(0, 1), target)
+            baseline_all.append(entry["root_poly_baseline"])
+        report["scenes"][name] = entry
+        per_seed_all += [m for _, m in runs]
+        print(f"{name}: " + ", ".join(f"{k} {v['mean']:.4f}±{v['std']:.4f}" for k, v in entry.items() if k != "root_poly_baseline"))
+    report["overall"] = summarise(per_seed_all)
+    if baseline_all:
+        report["root_poly_baseline"] = summarise(baseline_all)
+    with open(out / "metrics.json", "w") as f:
+        json.dump(report, f, indent=2)
+    print("overall: " + ", ".join(f"{k} {v['mean']:.4f}±{v['std']:.4f}" for k, v in report["overall"].items()))
+    if baseline_all:
+        print("root-polynomial baseline: " + ", ".join(f"{k} {v['mean']:.4f}" for k, v in report["root_poly_baseline"].items()))
+    print(f"wrote {out / 'metrics.json'}")
+    return report
+
+
+def predict(args) -> None:
+    ckpt = load_checkpoint(args.ckpt)
+    model = build_model(ckpt, pick_device(args.device))
+    srf = torch.from_numpy(data.srf_matrix(TrainConfig(**ckpt["train_config"]).srf))
+    rgb = torch.from_numpy(data.load_rgb(args.rgb)).permute(2, 0, 1)  # (3, H, W)
+    cfg = TrainConfig(**ckpt["train_config"])
+    pts = P.sample_points((1, 31, *rgb.shape[-2:]), cfg.label_ratio, *ckpt["gamma"], generator=seeded(args.seed),
+                          dist=ckpt["model_config"]["points"])[0]
+    pred = reconstruct(model, rgb, pts, args.tile).clamp(0, 1).cpu()
+    write_outputs(Path(args.out), pred, srf)
+    print(f"wrote a {tuple(pred.shape)} cube to {Path(args.out) / 'cube.npy'} and .mat")
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="Pixel-SSR: hyperspectral images from RGB and a few point spectra.")
+    sub = ap.add_subparsers(dest="cmd")
+    d = TrainConfig()
+    f = sub.add_parser("fit", help="train on a folder of scenes (no --data: the built-in demo scenes)")
+    f.add_argument("--data", default=None, help="folder of CAVE scenes (PNG folders, .mat or .npy)")
+    f.add_argument("--out", default="runs/pixelssr", help="run folder: last.pt, best.pt, log.jsonl")
+    f.add_argument("--label-ratio", type=float, default=d.label_ratio, help="omega; 0 = unsupervised")
+    f.add_argument("--epochs", type=int, default=None, help=f"epochs (default {d.epochs})")
+    f.add_argument("--max-minutes", type=float, default=d.max_minutes, help="time budget (CPU users)")
+    f.add_argument("--test-scenes", nargs="*", default=None, help="scenes held out for testing")
+    f.add_argument("--val-scenes", nargs="*", default=None, help="training scenes held out to pick best.pt")
+    f.add_argument("--resume", action="store_true", help="continue RUN/last.pt exactly")
+    for name in ("batch_size", "patch", "stride", "lr", "lr_power", "seed", "val_seeds"):
+        f.add_argument("--" + name.replace("_", "-"), type=type(getattr(d, name)), default=getattr(d, name))
+    f.add_argument("--srf", default=d.srf, help="spectral response: cie1964, cie1931, nikon_d700, canon_5dmarkii")
+    f.add_argument("--points", default=d.points, choices=["gamma", "gaussian", "zeros"])
+    e = sub.add_parser("eval", help="full-image metrics on test scenes")
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--data", default=None)
+    e.add_argument("--out", default="runs/eval")
+    e.add_argument("--seeds", type=int, default=5, help="Gamma draws per scene (mean +- std)")
+    e.add_argument("--scenes", nargs="*", default=None, help="default: the run's test scenes")
+    e.add_argument("--tile", type=int, default=0, help="0 = whole image (the protocol); >0 bounds memory")
+    p = sub.add_parser("predict", help="reconstruct a cube from your own RGB image")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--rgb", required=True, help="PNG or JPEG, 8 or 16 bit")
+    p.add_argument("--out", default="runs/predict")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Gamma point cube")
+    p.add_argument("--tile", type=int, default=256, help="tile size; memory stays bounded on large photos")
+    for q in (f, e, p):
+        q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    args = ap.parse_args(argv)
+    if args.cmd == "fit":
+        args.epochs_given = args.epochs is not None
+        args.epochs = args.epochs if args.epochs is not None else d.epochs
+    return args
+
+
+def demo() -> None:
+    """No arguments: a short fit on the built-in synthetic scenes, then eval. Proves the pipeline only."""
+    print("pixelssr demo: synthetic scenes built from measured ColorChecker spectra - a pipeline check, "
+          "not a benchmark. Train on CAVE for real numbers (README).")
+    run = "runs/demo"
+    fit(parse_args(["fit", "--out", run, "--max-minutes", "2", "--patch", "64", "--stride", "32",
+                    "--batch-size", "4", "--label-ratio", "0.001", "--test-scenes", "demo_03"]))
+    evaluate(parse_args(["eval", "--ckpt", f"{run}/last.pt", "--out", f"{run}/eval", "--seeds", "2"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if not argv:
+            demo()
+            return 0
+        args = parse_args(argv)
+        {"fit": fit, "eval": evaluate, "predict": predict}[args.cmd](args)
+    except (data.SceneError, ValueError) as e:  # bad input: one sentence, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
