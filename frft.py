@@ -9,13 +9,13 @@ x[n] -> x[-n], 3 (= -1) the inverse DFT, and orders in between rotate a signal c
 Why the numbering matters. The eigenvalues of F are hugely degenerate, so V is not fixed by F alone.
 The standard choice (Candan, Kutay, Ozaktas 2000) takes the eigenvectors of Grünbaum's matrix S,
 which commutes with F and has distinct eigenvalues; they are discrete analogues of the Hermite-Gauss
-functions, and k must be the Hermite-Gauss order of each: k zero crossings, parity (-1)^k. S splits
-into an even and an odd block; sorted by descending eigenvalue, the even ones get k = 0, 2, 4, ...
-and the odd ones k = 1, 3, 5, ...; for even N the order N-1 has no vector (k runs to N). Sorting
-the eigenvectors of the whole S instead (the classic mistake) still gives a unitary, additive,
-4-periodic family, but order 1 is no longer the DFT.
+functions, and k must be the Hermite-Gauss order of each, which fixes its DFT eigenvalue (-i)^k
+and its parity (-1)^k. S splits into an even and an odd block; sorted by descending eigenvalue, the
+even ones get k = 0, 2, 4, ... and the odd ones k = 1, 3, 5, ...; for even N the order N-1 has no
+vector (k runs to N). Sorting the eigenvectors of the whole S instead (the classic mistake) still
+gives a unitary, additive, 4-periodic family, but order 1 is no longer the DFT.
 
-Centred convention. As in Deep FRFT and optics, index n runs over -N//2 .. (N-1)//2 with the origin
+Centred convention. As in Deep FRFT and optics, index n runs from -(N//2) to (N-1)//2 with the origin
 at position N//2, so order 1 is fftshift(fft(ifftshift(x), norm="ortho")) and a centred sampled
 Gaussian is (nearly) an eigenfunction. We build V for the usual origin-at-0 DFT and fftshift its rows.
 
@@ -88,11 +88,6 @@ def _matrix(n: int, a: float | torch.Tensor, device: torch.device, dtype: torch.
     return torch.complex(re, im)
 
 
-def _complex_dtype(x: torch.Tensor) -> torch.dtype:
-    """complex64 for float32/complex64 input, complex128 for float64/complex128; never less precise."""
-    return torch.promote_types(x.dtype, torch.float32).to_complex()
-
-
 def _last_dim(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """x @ mᵀ: m applied along the last dim, as one matmul on the flattened batch."""
     if x.is_complex():
@@ -113,8 +108,9 @@ def _along(x: torch.Tensor, m: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _prepare(x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
-    """x in its working precision (real stays real) and the real dtype of that precision."""
-    cdtype = _complex_dtype(x)
+    """x in its working precision (real stays real) and the real dtype of that precision: float32
+    for float32/complex64 (and lower) input, float64 for float64/complex128; never less precise."""
+    cdtype = torch.promote_types(x.dtype, torch.float32).to_complex()
     x = x.to(cdtype if x.is_complex() else cdtype.to_real())
     return x, cdtype.to_real()
 
@@ -135,8 +131,8 @@ def frft(x: torch.Tensor, a: float | torch.Tensor, dim: int = -1) -> torch.Tenso
 def frft2(x: torch.Tensor, a_h: float | torch.Tensor, a_w: float | torch.Tensor | None = None) -> torch.Tensor:
     """Centred 2-D discrete FRFT: order `a_h` along dim -2 (height), `a_w` (default `a_h`) along dim -1.
 
-    x: (..., H, W) real or complex -> complex (..., H, W), dtypes as in `frft`; the inverse is
-    frft2(y, -a_h, -a_w). One matrix product per dim, the width first, so that a real x takes the
+    x: (..., H, W) real or complex -> complex (..., H, W); dtypes and gradients as in `frft`. The inverse
+    is frft2(y, -a_h, -a_w). One matrix product per dim, the width first, so that a real x takes the
     cheaper real path.
     """
     x, rdtype = _prepare(x)

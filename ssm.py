@@ -87,178 +87,183 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 #     ĝ_t = exp(Δ_{t+1}·A) ⊙ ĝ_{t+1} + C_t·dy_t,
 # so it is chunked the same way, last chunk first. Memory is what costs most here (a full-size
 # (b, l, d, n) tensor costs more than the arithmetic on it), so autograd is not used: forward keeps the
-# inputs and the chunk start states (1/T of a full tensor), backward recomputes the states.
-# Internal layout: the state is (b, K, g, n, d/g), channels innermost, so that the contractions over n
-# (y = Cᵀh, ∂C = h·dy, Σ_n B·ĝ, ∂B = ĝ·Δu) are plain batched matmuls.
+# inputs and the state before every `_SUB`-th step (1/_SUB of a full tensor); backward recomputes the rest.
+# How many chunks: each step's work is a few elementwise ops on one (b, K, d, n) state. Each op costs a
+# fixed ~5 µs plus its size, and is several times cheaper per element while the state stays in the CPU's
+# cache, so K is chosen to make that state ~2 MB (the L2 of two cores): at SS2D's shapes (b·d·n ≈ 40k-80k)
+# that is a few long chunks, not hundreds of short ones. When it leaves K = 1, passes (1)-(2) vanish.
+# Internal layout: time-major, channels last — u, Δ, y as (b, l, d) and B, C as (b, l, g, n) — so that one
+# step of every chunk is a plain strided view (no copies), and the state is (b, K, g, n, d/g), channels
+# innermost, so that the contractions over n (y = Cᵀh, ∂C = h·dy, Σ_n B·ĝ, ∂B = ĝ·Δu) are batched matmuls.
 
-def _steps(x: Tensor, T: int) -> tuple[Tensor, ...]:
-    """(b, g, c, K·T) -> T tensors (b, K, g, c): step t of every chunk, contiguous."""
-    b, g, c, l = x.shape
-    return x.view(b, g, c, l // T, T).permute(4, 0, 3, 1, 2).contiguous().unbind(0)
+_STATE_FLOATS = 2 ** 19          # target size of one step's state (b, K, d, n): 2 MB of float32
+_SUB = 16                        # steps between kept states; the backward holds 2·_SUB states at once
 
 
-def _new_steps(like: Tensor, b: int, g: int, c: int, K: int, T: int) -> tuple[Tensor, Tensor]:
-    """A new (b, g·c, K·T) tensor and its (T, b, K, g, c) view, to be filled step by step (inverse of `_steps`)."""
-    x = like.new_empty(b, g, c, K, T)
-    return x.view(b, g * c, K * T), x.permute(4, 0, 3, 1, 2)
+def _steps(x: Tensor, K: int) -> tuple[Tensor, ...]:
+    """(b, K·T, …) -> T views (b, K, …): step t of every chunk."""
+    return x.view(x.shape[0], K, x.shape[1] // K, *x.shape[2:]).unbind(2)
 
 
 def _base2(A: Tensor, g: int) -> Tensor:
     """A (d, n) -> log2(e)·A as (g, n, d/g), so that exp(Δ·A) = exp2(Δ·A2): the same number, but torch's
-    CPU exp2 is ~2.5× faster than its exp (and exponentiation is the scan's largest cost)."""
+    CPU exp2 is several times faster than its exp (and exponentiation is the scan's largest cost)."""
     d, n = A.shape
     return (A * math.log2(math.e)).view(g, d // g, n).transpose(1, 2).contiguous()
 
 
-def _decay(dt: Tensor, A2: Tensor) -> Tensor:
-    """exp(Δ_t·A), (b, K, g, n, d/g), from dt (b, K, g, d/g) and A2 = log2(e)·A (g, n, d/g). Zero-order hold."""
-    return (dt[..., None, :] * A2).exp2_()
+def _decay(dt: Tensor, A2: Tensor, out: Tensor | None = None) -> Tensor:
+    """exp(Δ_t·A), (b, K, g, n, d/g), from dt (b, K, g, d/g) and A2 = log2(e)·A (g, n, d/g), written into
+    `out` if given. Zero-order hold."""
+    return torch.mul(dt[..., None, :], A2, out=out).exp2_()
 
 
-def _advance(h: Tensor, a: Tensor, dtu: Tensor, B_t: Tensor) -> Tensor:
-    """One step of every chunk: a ⊙ h + B_t·(Δ_t u_t), (b, K, g, n, d/g), written into `a`. Euler step for B."""
-    return a.mul_(h).addcmul_(B_t[..., None], dtu[..., None, :])
+def _scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, K: int
+                  ) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Chunked forward. u, delta (b, l, d); A (d, n); B, C (b, l, g, n); l a multiple of K.
 
-
-def _scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, T: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Chunked forward. u, delta (b, d, l); A (d, n); B, C (b, g, n, l); l a multiple of T.
-
-    Returns y (b, d, l), last state (b, d, n), chunk start states h0 (b, K, g, n, d/g).
+    Returns y (b, l, d), last state (b, d, n), and the states before every `_SUB`-th step of each chunk,
+    a list of (b, K, g, n, d/g).
     """
-    b, d, l = u.shape
-    g, n = B.shape[1], B.shape[2]
-    dg, K = d // g, l // T
+    b, l, d = u.shape
+    g, n = B.shape[2], B.shape[3]
+    dg, T = d // g, l // K
     A2 = _base2(A, g)                                            # (g, n, d/g)
-    dts, us = _steps(delta.view(b, g, dg, l), T), _steps(u.view(b, g, dg, l), T)   # T × (b, K, g, d/g)
-    Bs, Cs = _steps(B, T), _steps(C, T)                                              # T × (b, K, g, n)
+    dts, dtus = _steps(delta.view(b, l, g, dg), K), _steps((delta * u).view(b, l, g, dg), K)  # T × (b, K, g, d/g)
+    Bs, Cs = _steps(B[..., None], K), _steps(C[..., None, :], K)  # T × (b, K, g, n, 1) and (b, K, g, 1, n)
 
-    # (1) end state of every chunk from a zero start.
-    h = torch.zeros_like(A2).expand(b, K, g, n, dg)
-    for dt, u_t, B_t in zip(dts, us, Bs):
-        h = _advance(h, _decay(dt, A2), dt * u_t, B_t)           # (b, K, g, n, d/g)
+    # The loops below update preallocated tensors in place: a fresh ~1 MB tensor per step would cost
+    # more than the arithmetic (the allocator hands such blocks back to the OS, and every reuse page-faults).
+    h, a = A2.new_zeros(b, K, g, n, dg), A2.new_empty(b, K, g, n, dg)   # state, decay
 
-    # (2) true chunk starts: carry the state across chunks with each chunk's total decay exp(A·ΣΔ).
-    dt_sum = delta.view(b, g, dg, K, T).sum(-1).permute(0, 3, 1, 2)             # (b, K, g, d/g)
-    state, starts = torch.zeros_like(h[:, 0]), []                # (b, g, n, d/g)
-    for decay_k, end_k in zip(_decay(dt_sum, A2).unbind(1), h.unbind(1)):
-        starts.append(state)
-        state = torch.addcmul(end_k, decay_k, state)
-    h0 = torch.stack(starts, 1)                                  # (b, K, g, n, d/g)
+    # (1)-(2) true chunk starts (the last chunk's end is not needed): end states from zero, then the carry.
+    if K > 1:
+        ends = torch.zeros_like(h[:, :-1])
+        for dt, dtu, B_t in zip(dts, dtus, Bs):
+            ends.mul_(_decay(dt[:, :-1], A2, a[:, :-1])).addcmul_(B_t[:, :-1], dtu[:, :-1, :, None, :])
+        chunk_decay = _decay(delta.view(b, K, T, g, dg).sum(2), A2)  # (b, K, g, n, d/g)  exp(A·ΣΔ)
+        for k in range(1, K):
+            h[:, k] = torch.addcmul(ends[:, k - 1], chunk_decay[:, k - 1], h[:, k - 1])
 
-    # (3) re-scan every chunk from its true start, reading out y.
-    y, ys = _new_steps(u, b, g, dg, K, T)                        # (b, d, l) and its view T × (b, K, g, d/g)
-    h = h0
-    for t, (dt, u_t, B_t, C_t) in enumerate(zip(dts, us, Bs, Cs)):
-        h = _advance(h, _decay(dt, A2), dt * u_t, B_t)
-        ys[t] = (C_t[..., None, :] @ h).squeeze(-2)               # (b, K, g, d/g)  Σ_n C·h
-    last = state.transpose(-1, -2).reshape(b, d, n)
-    return y, last, h0
+    # (3) every chunk from its true start, reading out y and keeping every _SUB-th state for the backward.
+    y, kept = u.new_empty(b, K, T, g, dg), []
+    for t, (dt, dtu, B_t, C_t) in enumerate(zip(dts, dtus, Bs, Cs)):
+        if t % _SUB == 0:
+            kept.append(h.clone())
+        h.mul_(_decay(dt, A2, a)).addcmul_(B_t, dtu[..., None, :])     # (b, K, g, n, d/g)
+        y[:, :, t] = (C_t @ h).squeeze(-2)                       # (b, K, g, d/g)  Σ_n C·h
+    last = h[:, -1].transpose(-1, -2).reshape(b, d, n)          # a copy
+    return y.view(b, l, d), last, kept
 
 
-def _scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor, dy: Tensor,
-                   dlast: Tensor | None, T: int) -> tuple[Tensor, ...]:
-    """Gradients (du, ddelta, dA, dB, dC) of the chunked scan.
+def _scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, kept: list[Tensor], dy: Tensor,
+                   dlast: Tensor | None, K: int) -> tuple[Tensor, ...]:
+    """Gradients (du, ddelta, dA, dB, dC) of the chunked scan, in the layout of the forward's inputs.
 
-    The states are recomputed from h0 in sub-blocks of ~√T steps, so that about 2√T of the T per-step
-    state tensors (b, K, g, n, d/g) are alive at once, not all T: 0.4 of a full (b, l, d, n) tensor at T = 32.
+    The states are recomputed from the kept ones `_SUB` steps at a time, so that 2·_SUB per-step tensors
+    (b, K, g, n, d/g) — states and decays — are alive at once, not all T.
     """
-    b, d, l = u.shape
-    g, n = B.shape[1], B.shape[2]
-    dg, K = d // g, l // T
+    b, l, d = u.shape
+    g, n = B.shape[2], B.shape[3]
+    dg, T = d // g, l // K
     A2 = _base2(A, g)                                            # (g, n, d/g)
     A_n = A.view(g, dg, n).transpose(1, 2).contiguous()          # (g, n, d/g)
-    dts, us, dys = (_steps(x.view(b, g, dg, l), T) for x in (delta, u, dy))      # T × (b, K, g, d/g)
-    Bs, Cs = _steps(B, T), _steps(C, T)                                              # T × (b, K, g, n)
-    sub = max(1, round(math.sqrt(T)))                            # steps per sub-block
+    dts, dys = (_steps(x.view(b, l, g, dg), K) for x in (delta, dy))               # T × (b, K, g, d/g)
+    dtus = _steps((delta * u).view(b, l, g, dg), K)
+    Bs, Bs_row, Cs = _steps(B[..., None], K), _steps(B[..., None, :], K), _steps(C[..., None], K)
 
-    # (1) Forward through every chunk from its true start: keep the state at each sub-block start, and
-    #     sum what dy alone sends back out of the chunk's start, Σ_t exp(A·(Δ_0 + … + Δ_t)) ⊙ C_t·dy_t,
-    #     the decay kept as a running product (no division; underflow to 0 is the right answer).
-    kept, h = [], h0
-    decay, out = torch.ones_like(h0), torch.zeros_like(h0)      # (b, K, g, n, d/g)
-    for t, (dt, u_t, B_t, C_t, dy_t) in enumerate(zip(dts, us, Bs, Cs, dys)):
-        if t % sub == 0:
-            kept.append(h)
-        a = _decay(dt, A2)
-        out.addcmul_(decay.mul_(a), C_t[..., None] * dy_t[..., None, :])
-        h = _advance(h, a, dt * u_t, B_t)                        # reuses a's memory
+    # (1)-(2) adjoint entering each chunk's last step: dlast at the very end; for the others, what the
+    #     later chunks send back — each chunk's own dy from a zero adjoint (chunk 0's is not needed),
+    #     and the adjoint entering it carried through with its total decay.
+    s = A2.new_zeros(b, K, g, n, dg)
+    if dlast is not None:
+        s[:, -1] = dlast.view(b, g, dg, n).transpose(-1, -2)
+    if K > 1:
+        out, a = torch.zeros_like(s[:, 1:]), torch.empty_like(s[:, 1:])   # exp(Δ_{t+1}A)·ĝ_{t+1} from zero; decay
+        for dt, C_t, dy_t in zip(reversed(dts), reversed(Cs), reversed(dys)):
+            out.addcmul_(C_t[:, 1:], dy_t[:, 1:, :, None, :]).mul_(_decay(dt[:, 1:], A2, a))
+        chunk_decay = _decay(delta.view(b, K, T, g, dg).sum(2), A2)  # (b, K, g, n, d/g)
+        for k in reversed(range(1, K)):
+            s[:, k - 1] = torch.addcmul(out[:, k - 1], chunk_decay[:, k], s[:, k])
+        del out, a, chunk_decay
 
-    # (2) Adjoint entering each chunk's last step, carried backwards across chunks; `decay` now holds
-    #     each chunk's total decay. dlast, the gradient of the final state, enters at the very end.
-    state = torch.zeros_like(h0[:, 0]) if dlast is None else dlast.reshape(b, g, dg, n).transpose(-1, -2)
-    ends = [state] * K
-    for k in reversed(range(K)):
-        ends[k] = state
-        state = torch.addcmul(out[:, k], decay[:, k], state)
-    s = torch.stack(ends, 1)                                      # (b, K, g, n, d/g)  exp(Δ_{t+1}A)·ĝ_{t+1}
-    del decay, out
-
-    # (3) Sub-blocks, last first: recompute their states from the kept start, walk back through them.
-    dA = torch.zeros_like(h0)                                     # Σ_t Δ_t·∂loss/∂(Δ_t A); summed over b, K at the end
-    (du, du_s), (ddelta, ddelta_s) = _new_steps(u, b, g, dg, K, T), _new_steps(u, b, g, dg, K, T)
-    (dB, dB_s), (dC, dC_s) = _new_steps(B, b, g, n, K, T), _new_steps(C, b, g, n, K, T)
-    for first in reversed(range(0, T, sub)):
-        block = range(first, min(first + sub, T))
-        hs = [kept.pop()]                                         # hs[-1] = h_{t-1} when at step t
-        for t in block:
-            hs.append(_advance(hs[-1], _decay(dts[t], A2), dts[t] * us[t], Bs[t]))
-        for t in reversed(block):
-            dt, u_t, B_t, C_t, dy_t = dts[t], us[t], Bs[t], Cs[t], dys[t]
-            grad_h = torch.addcmul(s, C_t[..., None], dy_t[..., None, :])        # ĝ_t  (b, K, g, n, d/g)
+    # (3) blocks of _SUB steps, last first: recompute their states from the kept one, walk back through them.
+    #     Preallocated, updated in place, for the reason given in `_scan_forward`.
+    dA = torch.zeros_like(s)                                      # Σ_t Δ_t·∂loss/∂(Δ_t A); summed over b, K at the end
+    hs, decays, q = s.new_empty(_SUB + 1, *s.shape), s.new_empty(_SUB, *s.shape), torch.empty_like(s)
+    gB, ddelta = u.new_empty(b, K, T, g, dg), u.new_empty(b, K, T, g, dg)      # Σ_n B·ĝ_t; Σ_n A·∂loss/∂(Δ_t A)
+    dB, dC = B.new_empty(b, K, T, g, n), C.new_empty(b, K, T, g, n)
+    for first in reversed(range(0, T, _SUB)):
+        block = range(first, min(first + _SUB, T))
+        hs[0] = kept.pop()                                        # hs[i] = state before step first + i
+        for i, t in enumerate(block):
+            torch.mul(_decay(dts[t], A2, decays[i]), hs[i], out=hs[i + 1]).addcmul_(Bs[t], dtus[t][..., None, :])
+        for i, t in reversed(list(enumerate(block))):
+            dt, dy_t = dts[t], dys[t]
+            grad_h = s.addcmul_(Cs[t], dy_t[..., None, :])        # ĝ_t  (b, K, g, n, d/g)
             # Σ_d dy·h_t, Σ_d Δu·ĝ_t: (b, K, g, n);  Σ_n B·ĝ_t: (b, K, g, d/g)
-            dC_s[t] = (dy_t[..., None, :] @ hs.pop().transpose(-1, -2)).squeeze(-2)
-            dB_s[t] = ((dt * u_t)[..., None, :] @ grad_h.transpose(-1, -2)).squeeze(-2)
-            gB = (B_t[..., None, :] @ grad_h).squeeze(-2)
-            s = _decay(dt, A2).mul_(grad_h)                       # exp(Δ_t A)·ĝ_t, sent to step t − 1
-            q = s * hs[-1]                                        # ∂loss/∂(Δ_t A) = ĝ_t ⊙ exp(Δ_t A) ⊙ h_{t-1}
+            dC[:, :, t] = (dy_t[..., None, :] @ hs[i + 1].transpose(-1, -2)).squeeze(-2)
+            dB[:, :, t] = (dtus[t][..., None, :] @ grad_h.transpose(-1, -2)).squeeze(-2)
+            gB[:, :, t] = (Bs_row[t] @ grad_h).squeeze(-2)
+            s = grad_h.mul_(decays[i])                            # exp(Δ_t A)·ĝ_t, sent to step t − 1
+            torch.mul(s, hs[i], out=q)                            # ∂loss/∂(Δ_t A) = ĝ_t ⊙ exp(Δ_t A) ⊙ h_{t-1}
             dA.addcmul_(q, dt[..., None, :])
-            ddelta_s[t] = u_t * gB + (q * A_n).sum(-2)            # (b, K, g, d/g)
-            du_s[t] = dt * gB
+            ddelta[:, :, t] = q.mul_(A_n).sum(-2)                 # (b, K, g, d/g)
     dA = dA.sum((0, 1)).transpose(-1, -2).reshape(d, n)
-    return du, ddelta, dA, dB.view(B.shape), dC.view(C.shape)
+    gB = gB.view(b, l, d)                                         # du = Δ·gB, ddelta += u·gB: whole tensors at once
+    return delta * gB, ddelta.view(b, l, d).addcmul_(u, gB), dA, dB.view(B.shape), dC.view(C.shape)
 
 
 class _ChunkedScan(torch.autograd.Function):
-    """y, last_state = scan(u, delta, A, B, C); saves only the inputs and the chunk start states."""
+    """y, last_state = scan(u, delta, A, B, C) in the internal layout; saves the inputs and the kept states."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, T: int):
-        y, last, h0 = _scan_forward(u, delta, A, B, C, T)
-        ctx.save_for_backward(u, delta, A, B, C, h0)
-        ctx.T = T
+    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, K: int):
+        y, last, kept = _scan_forward(u, delta, A, B, C, K)
+        ctx.save_for_backward(u, delta, A, B, C, *kept)
+        ctx.K = K
         ctx.set_materialize_grads(False)                         # dy or dlast is None when unused
         return y, last
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, dlast: Tensor | None):
-        u, delta, A, B, C, h0 = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(u)
-        return (*_scan_backward(u, delta, A, B, C, h0, dy.contiguous(), dlast, ctx.T), None)
+        u, delta, A, B, C, *kept = ctx.saved_tensors
+        dy = torch.zeros_like(u) if dy is None else dy.contiguous()
+        return (*_scan_backward(u, delta, A, B, C, kept, dy, dlast, ctx.K), None)
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                   return_last_state: bool = False, chunk_size: int = 32) -> Tensor | tuple[Tensor, Tensor]:
+                   return_last_state: bool = False, chunk_size: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Chunk-parallel selective scan: same arguments, layout and results as `selective_scan_ref`.
 
     u, delta: (b, d, l); A: (d, n); B, C: (b, n, l) or (b, g, n, l); D, delta_bias: (d,); z: (b, d, l).
     Any l works: the tail is padded with identity steps (Δ = 0 so exp(Δ·A) = 1, and B = C = 0).
-    chunk_size: steps per chunk T; the work is ~T sequential steps plus l/T carries. On 2 CPU cores 32 is
-    best at l = 4k; 16 is ~30% faster at l = 1k, 64 ~10% faster at l = 16k (d = 64, n = 16).
+    chunk_size: steps per chunk T; None picks the number of chunks K so that one step's state
+    (b, K, d, n) is about 2 MB (see above). Inputs laid out (b, l, d) in memory, i.e. u = x.transpose(1, 2)
+    for a contiguous x (b, l, d), are used without a copy, and y comes back in that layout.
     Returns y (b, d, l), and the final state (b, d, n) if `return_last_state`.
     """
     b, d, l = u.shape
+    n = A.shape[1]
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]                      # (b, d, l)
     if delta_softplus:
         delta = F.softplus(delta)
     B4, C4 = (B, C) if B.dim() == 4 else (B.unsqueeze(1), C.unsqueeze(1))   # (b, g, n, l)
-    T = max(1, min(chunk_size, l))                                # one chunk if the sequence is short
-    pad = (-l) % T
-    u_p, delta_p, B_p, C_p = ((F.pad(x, (0, pad)) if pad else x).contiguous() for x in (u, delta, B4, C4))
-    y, last = _ChunkedScan.apply(u_p, delta_p, A.contiguous(), B_p, C_p, T)
-    y = y[..., :l]                                               # (b, d, l)
+    if chunk_size is None:
+        # A power of two, so that the usual l (image sizes) need no padding; ≥ √l steps per chunk for short l.
+        K = min(1 << max(0, (_STATE_FLOATS // (b * d * n)).bit_length() - 1), math.isqrt(l))
+    else:
+        K = math.ceil(l / max(1, min(chunk_size, l)))
+    T = math.ceil(l / K)
+    pad = K * T - l
+    # Internal layout (b, l, d) and (b, l, g, n), padded with identity steps to K·T.
+    u_p, delta_p, B_p, C_p = ((F.pad(x, (0,) * (2 * x.dim() - 3) + (pad,)) if pad else x).contiguous()
+                              for x in (u.transpose(1, 2), delta.transpose(1, 2), B4.permute(0, 3, 1, 2),
+                                        C4.permute(0, 3, 1, 2)))
+    y, last = _ChunkedScan.apply(u_p, delta_p, A.contiguous(), B_p, C_p, K)
+    y = y[:, :l].transpose(1, 2)                                 # (b, d, l)
     if D is not None:
         y = y + D[:, None] * u
     if z is not None:
@@ -304,24 +309,25 @@ class SS2D(nn.Module):
         bsz, _, hh, ww = x.shape
         E, n, R, l = self.E, self.n, self.R, hh * ww
         x, z = self.in_proj(x.permute(0, 2, 3, 1)).chunk(2, dim=-1)          # (b, h, w, E) each
-        x = F.silu(self.conv(x.permute(0, 3, 1, 2)))                          # (b, E, h, w)
-
-        rows = x.flatten(2)                                                   # (b, E, l) row-major
-        cols = x.transpose(2, 3).flatten(2)                                   # (b, E, l) column-major
-        xs = torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)   # (b, 4, E, l)
-        x_dbl = torch.einsum("bkel,kce->bkcl", xs, self.x_proj_weight)        # (b, 4, R + 2n, l)
-        dts, Bs, Cs = x_dbl.split([R, n, n], dim=2)                           # Bs, Cs (b, 4, n, l)
-        dts = torch.einsum("bkrl,ker->bkel", dts, self.dt_proj_weight)        # (b, 4, E, l)
+        x = F.silu(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)     # (b, h, w, E)
+        # Channels last throughout: the scan works in (b, l, channels) layout, so handing it sequences laid
+        # out that way (as transposed views) spares it two layout copies in and one out.
+        rows = x.reshape(bsz, l, E)                                           # (b, l, E) row-major
+        cols = x.transpose(1, 2).reshape(bsz, l, E)                           # (b, l, E) column-major
+        xs = torch.stack([rows, cols, rows.flip(1), cols.flip(1)], dim=2)     # (b, l, 4, E)
+        x_dbl = torch.einsum("blke,kce->blkc", xs, self.x_proj_weight)        # (b, l, 4, R + 2n)
+        dts, Bs, Cs = x_dbl.split([R, n, n], dim=3)                           # Bs, Cs (b, l, 4, n)
+        dts = torch.einsum("blkr,ker->blke", dts, self.dt_proj_weight)        # (b, l, 4, E)
         # One scan call for all four routes: routes are stacked as channel groups (4E channels, B/C in
         # g = 4 groups), so the chunked scan's sequential loop runs once on tensors four times larger,
         # instead of four times on small ones.
-        ys = selective_scan(xs.reshape(bsz, 4 * E, l), dts.reshape(bsz, 4 * E, l),
-                            -torch.exp(self.A_log).view(4 * E, n), Bs, Cs, D=self.D.view(-1),
-                            delta_bias=self.dt_proj_bias.view(-1), delta_softplus=True)
-        ys = ys.view(bsz, 4, E, l)
+        ys = selective_scan(xs.view(bsz, l, 4 * E).transpose(1, 2), dts.reshape(bsz, l, 4 * E).transpose(1, 2),
+                            -torch.exp(self.A_log).view(4 * E, n), Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1),
+                            D=self.D.view(-1), delta_bias=self.dt_proj_bias.view(-1), delta_softplus=True)
+        ys = ys.transpose(1, 2).view(bsz, l, 4, E)                            # a view: ys is laid out so already
         # Back to image order: undo the reversal, then the transpose; sum the routes.
-        y_rows = ys[:, 0] + ys[:, 2].flip(-1)                                 # (b, E, l) row-major
-        y_cols = (ys[:, 1] + ys[:, 3].flip(-1)).view(bsz, E, ww, hh).transpose(2, 3)
-        y = y_rows.view(bsz, E, hh, ww) + y_cols                              # (b, E, h, w)
-        y = self.norm(y.permute(0, 2, 3, 1)) * F.silu(z)                      # (b, h, w, E)
+        y_rows = ys[:, :, 0] + ys[:, :, 2].flip(1)                            # (b, l, E) row-major
+        y_cols = (ys[:, :, 1] + ys[:, :, 3].flip(1)).view(bsz, ww, hh, E).transpose(1, 2)
+        y = y_rows.view(bsz, hh, ww, E) + y_cols                              # (b, h, w, E)
+        y = self.norm(y) * F.silu(z)                                          # (b, h, w, E)
         return self.out_proj(y).permute(0, 3, 1, 2)                           # (b, dim, h, w)

@@ -204,7 +204,7 @@ def fit(args) -> Path:
     if ckpt is not None:
         cfg = TrainConfig(**ckpt["train_config"])
         mcfg = P.Config(**ckpt["model_config"])
-        split = ckpt["split"]
+        split, args.data = ckpt["split"], ckpt["data"]
     else:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
         mcfg = P.Config(points=cfg.points)
@@ -237,7 +237,7 @@ def fit(args) -> Path:
     def checkpoint(path: Path) -> None:
         save_atomic({"model_config": dataclasses.asdict(mcfg), "train_config": dataclasses.asdict(cfg),
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                     "total_steps": total_steps, "best_psnr": best, "split": split, "labels": labels,
+                     "total_steps": total_steps, "best_psnr": best, "data": args.data, "split": split, "labels": labels,
                      "gamma": list(gamma)}, path)
 
     print(f"training on {len(split['train'])} scenes ({', '.join(split['train'])}), "
@@ -332,6 +332,7 @@ def evaluate(args) -> dict:
     cfg = TrainConfig(**ckpt["train_config"])
     srf = torch.from_numpy(data.srf_matrix(cfg.srf))
     gamma, points = tuple(ckpt["gamma"]), ckpt["model_config"]["points"]
+    args.data = args.data or ckpt["data"]  # default: the folder the run trained on
     names = [data.scene_name(n) for n in args.scenes or ckpt["split"]["test"]]
     if not names:
         raise data.SceneError(f"{args.data}: no test scenes; name some with --scenes.")
@@ -400,14 +401,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     f.add_argument("--max-minutes", type=float, default=d.max_minutes, help="time budget (CPU users)")
     f.add_argument("--test-scenes", nargs="*", default=None, help="scenes held out for testing")
     f.add_argument("--val-scenes", nargs="*", default=None, help="training scenes held out to pick best.pt")
-    f.add_argument("--resume", action="store_true", help="continue RUN/last.pt exactly")
+    f.add_argument("--resume", action="store_true", help="continue RUN/last.pt exactly (its data and settings)")
     for name in ("batch_size", "patch", "stride", "lr", "lr_power", "seed", "val_seeds"):
         f.add_argument("--" + name.replace("_", "-"), type=type(getattr(d, name)), default=getattr(d, name))
     f.add_argument("--srf", default=d.srf, help="spectral response: cie1964, cie1931, nikon_d700, canon_5dmarkii")
     f.add_argument("--points", default=d.points, choices=["gamma", "gaussian", "zeros"])
     e = sub.add_parser("eval", help="full-image metrics on test scenes")
     e.add_argument("--ckpt", required=True)
-    e.add_argument("--data", default=None)
+    e.add_argument("--data", default=None, help="default: the run's own data folder (or the demo scenes)")
     e.add_argument("--out", default="runs/eval")
     e.add_argument("--seeds", type=int, default=5, help="Gamma draws per scene (mean +- std)")
     e.add_argument("--scenes", nargs="*", default=None, help="default: the run's test scenes")

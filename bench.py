@@ -1,0 +1,277 @@
+"""
+Speed and memory of pixelssr on the device at hand. Numbers live here, not in the tests.
+
+  python bench.py                      # everything, on CUDA when present, else the CPU
+  python bench.py --only scan frft     # some sections
+  python bench.py --device cpu --threads 2
+
+Sections:
+  scan   the chunked selective scan (ssm.selective_scan) against the sequential loop it is tested
+         against and against a Blelloch parallel scan, the usual pure-PyTorch alternative: forward,
+         forward+backward and peak memory at b=1, d=64, n=16, l in {1024, 4096, 16384};
+  frft   frft2 against torch.fft.fft2 at (4, 40, 128, 128) float32, the Spa-FRFT branch's shape;
+  model  DyPro-Mamba's parameters and FLOPs (torch.utils.flop_counter; multiply-accumulates, as the
+         paper counts them), forward and forward+backward per 128x128 patch, training steps per
+         second at batch 8 of 128x128, and whole-image inference on a 512x512 scene.
+"""
+
+import argparse
+import inspect
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+import pixelssr as P
+from frft import frft2
+from ssm import selective_scan, selective_scan_ref
+
+
+def _pscan(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """h_t = a_t ⊙ h_{t-1} + x_t along dim 1 (a power of two long): Blelloch's work-efficient scan, written
+    recursively — combine neighbour pairs (up-sweep), scan the odd positions, fill in the even ones
+    (down-sweep). The usual pure-PyTorch parallel scan; autograd does the backward."""
+    if a.shape[1] == 1:
+        return x
+    a_e, a_o, x_e, x_o = a[:, 0::2], a[:, 1::2], x[:, 0::2], x[:, 1::2]
+    h_o = _pscan(a_o * a_e, torch.addcmul(x_o, a_o, x_e))
+    h_e = torch.cat([x_e[:, :1], torch.addcmul(x_e[:, 1:], a_e[:, 1:], h_o[:, :-1])], 1)
+    return torch.stack([h_e, h_o], 2).flatten(1, 2)
+
+
+def selective_scan_blelloch(u, delta, A, B, C):
+    """Selective scan (B, C (b, n, l); no D, z) by the Blelloch scan over the length padded to a power of two."""
+    l = u.shape[-1]
+    pad = (0, 0, 0, 0, 0, (1 << (l - 1).bit_length()) - l)
+    dA = torch.exp(torch.einsum("bdl,dn->bldn", delta, A))              # (b, l, d, n)
+    dBu = torch.einsum("bdl,bnl->bldn", delta * u, B)                    # (b, l, d, n)
+    h = _pscan(F.pad(dA, pad), F.pad(dBu, pad))[:, :l]                   # (b, l, d, n)
+    return torch.einsum("bldn,bnl->bdl", h, C)
+
+
+def _scan_time_and_peak(fn, inputs: list, device: torch.device, backward: bool, repeat: int) -> tuple[float, int]:
+    """(best wall time in s, peak bytes of tensors allocated during the call) of fn(*inputs), with its
+    backward if asked (else under no_grad). Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU
+    the running total of every tensor allocation and free recorded by torch.profiler(profile_memory=True)
+    in one extra run — live tensor bytes, the quantity CUDA reports (not RSS, not allocator caches)."""
+    def run():
+        if backward:
+            torch.autograd.grad(fn(*inputs).square().sum(), inputs)
+        else:
+            with torch.no_grad():
+                fn(*inputs)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    run()                                                                 # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        run()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run()
+        sync()
+        return best, torch.cuda.max_memory_allocated(device) - base
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return best, peak
+
+
+def bench_scan(device: torch.device) -> None:
+    """Chunked vs sequential vs Blelloch selective scan, fwd and fwd+bwd, at b=1, d=64, n=16, float32."""
+    b, d, n = 1, 64, 16
+    chunk = inspect.signature(selective_scan).parameters["chunk_size"].default or "auto"
+    methods = {f"chunked (T={chunk})": selective_scan, "blelloch (2^k)": selective_scan_blelloch,
+               "sequential loop": selective_scan_ref}
+    memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler memory events"
+    print(f"\nselective scan on {device}, b={b} d={d} n={n} float32, {torch.get_num_threads()} threads; best of runs; "
+          f"peak = bytes of tensors allocated during the call ({memory})")
+    print(f"{'method':<18}{'l':>7}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak fwd MB':>13}{'peak f+b MB':>13}")
+    results = {}
+    for l in (1024, 4096, 16384):
+        gen = torch.Generator().manual_seed(0)
+        u, delta, B, C = (torch.randn(*shape, generator=gen).to(device)
+                          for shape in ((b, d, l), (b, d, l), (b, n, l), (b, n, l)))
+        delta = 0.1 * delta.sigmoid()
+        A = -torch.arange(1, n + 1, dtype=torch.float32, device=device).repeat(d, 1)
+        inputs = [x.requires_grad_() for x in (u, delta, A, B, C)]
+        for name, fn in methods.items():
+            note = ""
+            if fn is selective_scan_ref and l > 4096:
+                # The loop is linear in l (time and memory): extrapolate from l = 4096 rather than wait.
+                results[name, l] = tuple(x * l / 4096 for x in results[name, 4096])
+                note = "   (extrapolated linearly from l=4096)"
+            else:
+                repeat = 1 if fn is selective_scan_ref else 3
+                f, mf = _scan_time_and_peak(fn, inputs, device, backward=False, repeat=repeat)
+                fb, mfb = _scan_time_and_peak(fn, inputs, device, backward=True, repeat=repeat)
+                results[name, l] = (f, fb, mf, mfb)
+            f, fb, mf, mfb = results[name, l]
+            print(f"{name:<18}{l:>7}{f * 1e3:>10.1f}{fb * 1e3:>12.1f}{mf / 2**20:>13.1f}{mfb / 2**20:>13.1f}{note}")
+    (chunked, blelloch, loop) = (results[name, 16384] for name in methods)
+    print(f"at l=16384, fwd+bwd: chunked is {loop[1] / chunked[1]:.0f}x faster than the loop with "
+          f"{loop[3] / chunked[3]:.1f}x less peak memory, {blelloch[1] / chunked[1]:.0f}x faster than Blelloch "
+          f"with {blelloch[3] / chunked[3]:.1f}x less")
+
+
+def bench_frft(device: torch.device) -> None:
+    """Print frft2 against torch.fft.fft2(norm="ortho") at (4, 40, 128, 128) float32 — the Spa-FRFT
+    prompt's shape in a training step — forward and forward+backward, median of 9 runs after 5 warm-ups
+    (the first runs of a fresh shape pay for memory from the OS). frft2 costs dense N×N matrix products
+    where the FFT is O(N log N), so some ratio is expected."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(4, 40, 128, 128, device=device, generator=g, requires_grad=True)
+    grad_out = torch.randn(x.shape, device=device, dtype=torch.complex64, generator=g)
+    order = torch.tensor(0.5, device=device, requires_grad=True)
+
+    def median_ms(fn) -> float:
+        times = []
+        for i in range(14):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if i >= 5:
+                times.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(times)
+
+    def forward_ms(transform) -> float:
+        with torch.no_grad():
+            return median_ms(transform)
+
+    def forward_backward_ms(transform, inputs) -> float:
+        return median_ms(lambda: torch.autograd.grad(transform(), inputs, grad_out))
+
+    def fft() -> torch.Tensor:
+        return torch.fft.fft2(x, norm="ortho")
+
+    def frft_fixed_order() -> torch.Tensor:
+        return frft2(x, 0.5)
+
+    def frft_learnt_order() -> torch.Tensor:
+        return frft2(x, order)
+
+    fwd_fft, fwd_frft = forward_ms(fft), forward_ms(frft_fixed_order)
+    both_fft, both_frft = forward_backward_ms(fft, x), forward_backward_ms(frft_fixed_order, x)
+    both_learnt = forward_backward_ms(frft_learnt_order, (x, order))
+    print(f"frft2 vs fft2 (norm='ortho'), (4, 40, 128, 128) float32 on {device}, median ms:")
+    print(f"  forward           fft2 {fwd_fft:8.2f}   frft2 {fwd_frft:8.2f}   ratio {fwd_frft / fwd_fft:5.2f}")
+    print(f"  forward+backward  fft2 {both_fft:8.2f}   frft2 {both_frft:8.2f}   ratio {both_frft / both_fft:5.2f}")
+    print(f"  forward+backward, order learnt too:   frft2 {both_learnt:8.2f}   ratio {both_learnt / both_fft:5.2f}")
+
+
+def _timed(fn, device: torch.device, repeat: int) -> float:
+    """Best wall time in s of fn() over `repeat` runs after one warm-up, synchronising on CUDA."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _macs(fn) -> float:
+    """Multiply-accumulates of fn(): torch.utils.flop_counter's FLOPs / 2, the count papers call FLOPs."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 2
+
+
+def bench_model(device: torch.device, batch: int, repeat: int) -> None:
+    """DyPro-Mamba: size, FLOPs, forward / forward+backward per 128x128 patch, training steps at `batch`
+    patches of 128x128, and whole-image inference at 512x512 (a CAVE scene)."""
+    torch.manual_seed(0)
+    cfg = P.Config()
+    model = P.DyProMamba(cfg).to(device)
+    n_all = sum(p.numel() for p in model.parameters())
+    n_h2r = sum(p.numel() for p in model.h2r.parameters())
+    n_drpn = sum(p.numel() for p in model.drpn.parameters())
+    rgb = torch.rand(1, 3, 128, 128, device=device)
+    pts = P.sample_points((1, 31, 128, 128), 1e-4, 2.0, 0.1, device=device)
+    with torch.no_grad():
+        macs = _macs(lambda: model(rgb, pts))
+        z = torch.randn(1, cfg.width, 128, 128, device=device)  # what the Spa-FRFT branch transforms
+        frft_macs = _macs(lambda: model.drpn.spa.transform(model.drpn.spa.transform(z), inverse=True))
+        drpn_macs = _macs(lambda: model.drpn(rgb, pts))
+    print(f"\nDyPro-Mamba (width {cfg.width}) on {device}")
+    print(f"parameters: {(n_all - n_h2r) / 1e6:.3f} M for inference (+{n_h2r / 1e6:.3f} M of the training-only "
+          f"H2R of L_P2I); DRPN {n_drpn / 1e6:.3f} M      paper (Table 10): 0.61 M")
+    print(f"FLOPs at 1x3x128x128 (multiply-accumulates, torch.utils.flop_counter / 2): {macs / 1e9:.2f} G, "
+          f"DRPN {drpn_macs / 1e9:.2f} G, of which the FRFT matrix products {frft_macs / 1e9:.2f} G "
+          f"(an FFT-based FRFT would not be counted)      paper: 4.65 G")
+    model.eval()
+    with torch.no_grad():
+        t_fwd = _timed(lambda: model(rgb, pts), device, repeat)
+    model.train()
+    t_fb = _timed(lambda: sum(y.sum() for y in model(rgb, pts)).backward(), device, repeat)
+    print(f"one 128x128 patch: forward {t_fwd * 1e3:.0f} ms, forward+backward {t_fb * 1e3:.0f} ms")
+
+    # a real training step: batch of patches, all four losses, Adam
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.99))
+    srf = torch.from_numpy(data.srf_matrix()).to(device)
+    rgb_b = torch.rand(batch, 3, 128, 128, device=device)
+    target = torch.rand(batch, 31, 128, 128, device=device)
+    mask = torch.zeros(batch, 1, 128, 128, dtype=torch.bool, device=device)
+    mask[:, :, 64, 64] = True
+    pts_b = P.sample_points((batch, 31, 128, 128), 1e-4, 2.0, 0.1, device=device)
+
+    def step():
+        hsi, y3 = model(rgb_b, pts_b)
+        loss, _ = P.pixel_ssr_loss(model, rgb_b, hsi, y3, target * mask, mask, srf)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_step = _timed(step, device, repeat)
+    mem = f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
+    print(f"training: {1 / t_step:.3f} it/s at batch {batch} of 128x128 ({t_step:.2f} s per step){mem}")
+
+    model.eval()
+    rgb5 = torch.rand(1, 3, 512, 512, device=device)
+    pts5 = P.sample_points((1, 31, 512, 512), 1e-4, 2.0, 0.1, device=device)
+    with torch.no_grad():
+        t5 = _timed(lambda: model(rgb5, pts5), device, 1)
+    print(f"inference / eval of one whole 512x512 scene: {t5:.2f} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", default=["scan", "frft", "model"], choices=["scan", "frft", "model"])
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--batch", type=int, default=8, help="training batch of 128x128 patches")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs of each model measurement (best is kept)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"pixelssr bench on {name}, torch {torch.__version__}")
+    sections = {"scan": lambda: bench_scan(device), "frft": lambda: bench_frft(device),
+                "model": lambda: bench_model(device, args.batch, args.repeat)}
+    for s in args.only:
+        sections[s]()
+
+
+if __name__ == "__main__":
+    main()
