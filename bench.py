@@ -53,6 +53,20 @@ def selective_scan_blelloch(u, delta, A, B, C):
     return torch.einsum("bldn,bnl->bdl", h, C)
 
 
+def _timed(fn, device: torch.device, repeat: int) -> float:
+    """Best wall time in s of fn() over `repeat` runs after one warm-up, synchronising on CUDA."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def _scan_time_and_peak(fn, inputs: list, device: torch.device, backward: bool, repeat: int) -> tuple[float, int]:
     """(best wall time in s, peak bytes of tensors allocated during the call) of fn(*inputs), with its
     backward if asked (else under no_grad). Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU
@@ -64,15 +78,8 @@ def _scan_time_and_peak(fn, inputs: list, device: torch.device, backward: bool, 
         else:
             with torch.no_grad():
                 fn(*inputs)
+    best = _timed(run, device, repeat)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    run()                                                                 # warm-up
-    best = float("inf")
-    for _ in range(repeat):
-        sync()
-        t0 = time.perf_counter()
-        run()
-        sync()
-        best = min(best, time.perf_counter() - t0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -171,20 +178,6 @@ def bench_frft(device: torch.device) -> None:
     print(f"  forward           fft2 {fwd_fft:8.2f}   frft2 {fwd_frft:8.2f}   ratio {fwd_frft / fwd_fft:5.2f}")
     print(f"  forward+backward  fft2 {both_fft:8.2f}   frft2 {both_frft:8.2f}   ratio {both_frft / both_fft:5.2f}")
     print(f"  forward+backward, order learnt too:   frft2 {both_learnt:8.2f}   ratio {both_learnt / both_fft:5.2f}")
-
-
-def _timed(fn, device: torch.device, repeat: int) -> float:
-    """Best wall time in s of fn() over `repeat` runs after one warm-up, synchronising on CUDA."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _macs(fn) -> float:
