@@ -285,6 +285,7 @@ class DRPN(nn.Module):
         self.y2 = conv3(nb + c, nb) if cfg.use_spa else None
         self.y3 = conv3(nb + c, nb) if cfg.use_hf else None
         # one P_spe per PromptSSM: (width, heads, downsampling) of that block
+        self.n_blocks = len(prompt_shapes)
         self.spe = nn.ModuleList(SpectralPrompt(nb, w, h, s) for w, h, s in prompt_shapes) if cfg.use_spe else None
 
     def forward(self, rgb: torch.Tensor, points: torch.Tensor):
@@ -297,7 +298,7 @@ class DRPN(nn.Module):
             h, w = f1.shape[-2:]
             f2 = F.interpolate(F.avg_pool2d(f1, 2, ceil_mode=True), scale_factor=2, mode="nearest")[..., :h, :w]  # Eq. (5)
             y = self.y3(torch.cat([y, self.hf(f1 - f2)], 1))  # Eq. (5) P_hf, then Eq. (7) Y3
-        p_spe = [p(y) for p in self.spe] if self.spe is not None else [None] * 3
+        p_spe = [p(y) for p in self.spe] if self.spe is not None else [None] * self.n_blocks
         return y, p_spe
 
 

@@ -679,8 +679,7 @@ def test_fft_ablation_drops_only_the_learnable_order():
 
 
 def test_frft_branch_at_order_one_is_the_centred_fft_branch():
-    """The FRFT branch is an FFT branch rotated by a: at a = 1 it must match the FFT ablation up to
-    the centring shift, which SS2D sees as a different pixel order, so compare the transforms."""
+    """At order a = 1 the Spa-FRFT branch's transform is the centred unitary 2-D DFT."""
     spa = _model().drpn.spa
     with torch.no_grad():
         spa.order.fill_(1 / spa.order_scale)

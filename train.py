@@ -376,9 +376,9 @@ def evaluate(args) -> dict:
 def predict(args) -> None:
     ckpt = load_checkpoint(args.ckpt)
     model = build_model(ckpt, pick_device(args.device))
-    srf = torch.from_numpy(data.srf_matrix(TrainConfig(**ckpt["train_config"]).srf))
-    rgb = torch.from_numpy(data.load_rgb(args.rgb)).permute(2, 0, 1)  # (3, H, W)
     cfg = TrainConfig(**ckpt["train_config"])
+    srf = torch.from_numpy(data.srf_matrix(cfg.srf))
+    rgb = torch.from_numpy(data.load_rgb(args.rgb)).permute(2, 0, 1)  # (3, H, W)
     pts = P.sample_points((1, 31, *rgb.shape[-2:]), cfg.label_ratio, *ckpt["gamma"], generator=seeded(args.seed),
                           dist=ckpt["model_config"]["points"])[0]
     pred = reconstruct(model, rgb, pts, args.tile).clamp(0, 1).cpu()
