@@ -31,7 +31,7 @@ import numpy as np
 import scipy.io
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 BANDS = 31
@@ -241,6 +241,7 @@ def _read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
+            img = ImageOps.exif_transpose(img)  # phone JPEGs: the pixels as viewers show them
             if img.mode in _DEEP_MODES:
                 a = np.asarray(img, dtype=np.float32)[..., None] / _DEEP_MODES[img.mode]
             else:
@@ -317,9 +318,12 @@ def _read_mat(path: Path) -> np.ndarray:
 
 def _read_npy(path: Path) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)  # no pickles: a data file must not run code
+        a = np.load(path, allow_pickle=False)  # no pickles: a data file must not run code
     except (ValueError, OSError, EOFError) as e:
         raise SceneError(f"{path}: not a readable .npy file ({str(e).rstrip('.')})") from None
+    if not isinstance(a, np.ndarray):  # an .npz archive saved under a .npy name
+        raise SceneError(f"{path}: an .npz archive, not a single .npy array")
+    return a
 
 
 def _as_cube(a: np.ndarray, path: Path) -> np.ndarray:

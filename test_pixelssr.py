@@ -1245,6 +1245,8 @@ def test_tiled_reconstruction_covers_the_image_and_matches_on_one_tile():
     assert torch.equal(train.reconstruct(m, rgb, pts, tile=64), whole)  # one tile: the whole image
     tiled = train.reconstruct(m, rgb, pts, tile=24, overlap=8)
     assert tiled.shape == whole.shape and torch.isfinite(tiled).all()
+    small = train.reconstruct(m, rgb, pts, tile=16)  # tile below the default overlap of 32
+    assert small.shape == whole.shape and torch.isfinite(small).all()
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -1252,9 +1254,13 @@ def test_tiled_reconstruction_covers_the_image_and_matches_on_one_tile():
     (["eval", "--ckpt", "{tmp}/missing.pt"], "missing.pt"),
     (["predict", "--ckpt", "{tmp}/bad.pt", "--rgb", "x.png"], "bad.pt"),
     (["fit", "--data", "{tmp}/nan", "--out", "{tmp}/r"], "nan_scene.npy"),
+    (["eval", "--ckpt", "{tmp}/foreign.pt"], "foreign.pt"),
+    (["fit", "--out", "{tmp}/r", "--test-scenes", "no_such_scene"], "no_such_scene"),
+    (["fit", "--out", "{tmp}/r", "--device", "cuda:7"], "cuda:7"),
 ])
 def test_bad_input_gives_one_sentence_naming_the_file_and_no_traceback(tmp_path, capsys, argv, words):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     (tmp_path / "nan").mkdir()
     cube = np.full((40, 40, 31), 0.5, np.float32)
     cube[3, 4, 5] = np.nan
@@ -1262,6 +1268,14 @@ def test_bad_input_gives_one_sentence_naming_the_file_and_no_traceback(tmp_path,
     assert train.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["eval", "--ckpt", "x.pt", "--seeds", "0"], ["fit", "--batch-size", "0"],
+                                  ["fit", "--stride", "-4"]])
+def test_non_positive_counts_are_refused_by_the_command_line(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert e.value.code == 2 and "not a positive integer" in capsys.readouterr().err
 
 
 def test_root_polynomial_regression_is_exact_on_spectra_it_can_represent():
