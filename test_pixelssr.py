@@ -1225,6 +1225,7 @@ def test_fit_eval_predict_end_to_end_on_real_crops(tmp_path):
     report = json.loads((ev / "metrics.json").read_text())
     assert list(report["scenes"]) == ["fake_and_real_sushi"] and report["seeds"] == [0, 1]
     assert {"rmse", "psnr", "psnr_bandwise", "ssim", "sam"} <= set(report["overall"])
+    assert set(torch.load(run / "last.pt", weights_only=True)) == set(train.CHECKPOINT_KEYS)
     assert "root_poly_baseline" in report  # 3 scenes x 40 labelled pixels: enough to fit it
     cube = data.load_scene(ev / "fake_and_real_sushi" / "cube.mat")
     np.testing.assert_allclose(cube, np.load(ev / "fake_and_real_sushi" / "cube.npy"))
@@ -1276,6 +1277,13 @@ def test_non_positive_counts_are_refused_by_the_command_line(capsys, argv):
     with pytest.raises(SystemExit) as e:
         train.parse_args(argv)
     assert e.value.code == 2 and "not a positive integer" in capsys.readouterr().err
+
+
+def test_overall_spread_is_over_seeds_not_over_scenes():
+    # two scenes 10 dB apart, each moved by the seed: +-0.5 dB together (seed 0 low, seed 1 high)
+    by_scene = [[{"psnr": 29.5}, {"psnr": 30.5}], [{"psnr": 39.5}, {"psnr": 40.5}]]
+    overall = train.summarise_over_seeds(by_scene)["psnr"]
+    assert overall["mean"] == pytest.approx(35.0) and overall["std"] == pytest.approx(0.5)
 
 
 def test_root_polynomial_regression_is_exact_on_spectra_it_can_represent():

@@ -261,8 +261,8 @@ def fit(args) -> Path:
           f"{sum(len(v['coords']) for v in labels.values())} labelled pixels, {len(dataset)} patches/epoch, "
           f"Gamma alpha={gamma[0]:.3f} theta={gamma[1]:.4f}, device {device}")
     if ckpt is not None and (out / "log.jsonl").exists():  # drop the steps after last.pt: they are redone
-        kept = [line for line in open(out / "log.jsonl") if json.loads(line)["step"] <= step]
-        (out / "log.jsonl").write_text("".join(kept))
+        lines = (out / "log.jsonl").read_text().splitlines(keepends=True)
+        (out / "log.jsonl").write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
     log = open(out / "log.jsonl", "a")
     t0 = time.time()
     budget = cfg.max_minutes * 60
@@ -345,6 +345,14 @@ def summarise(values: list[dict]) -> dict:
             for k in values[0]}
 
 
+def summarise_over_seeds(by_scene: list[list[dict]]) -> dict:
+    """by_scene[i][s]: the metrics of scene i with Gamma seed s. Per seed the mean over scenes, then mean
+    and std over seeds: the spread the Gamma draws cause, not the differences between scenes."""
+    per_seed = [{k: float(np.mean([runs[s][k] for runs in by_scene])) for k in by_scene[0][s]}
+                for s in range(len(by_scene[0]))]
+    return summarise(per_seed)
+
+
 def evaluate(args) -> dict:
     ckpt = load_checkpoint(args.ckpt)
     device = pick_device(args.device)
@@ -382,9 +390,7 @@ def evaluate(args) -> dict:
         report["scenes"][name] = entry
         by_scene.append([m for _, m in runs])
         print(f"{name}: " + ", ".join(f"{k} {v['mean']:.4f}±{v['std']:.4f}" for k, v in entry.items() if k != "root_poly_baseline"))
-    # per seed the mean over scenes, then mean +- std over seeds: the spread the Gamma draws cause
-    report["overall"] = summarise([{k: float(np.mean([ms[s][k] for ms in by_scene])) for k in by_scene[0][0]}
-                                   for s in range(args.seeds)])
+    report["overall"] = summarise_over_seeds(by_scene)
     if baseline_all:
         report["root_poly_baseline"] = summarise(baseline_all)
     with open(out / "metrics.json", "w") as f:
