@@ -17,6 +17,7 @@ Sections:
 
 import argparse
 import inspect
+import os
 import statistics
 import time
 
@@ -29,6 +30,10 @@ import data
 import pixelssr as P
 from frft import frft2
 from ssm import selective_scan, selective_scan_ref
+
+# The profiler that measures CPU peak memory (kineto) logs `USDT ... profiler_start/stop` lines to
+# stderr at its highest level (5); 6 silences it. Read when the profiler first starts, so setting it here is enough.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 
 def _pscan(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

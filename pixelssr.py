@@ -42,7 +42,7 @@ from ssm import SS2D
 class Config:
     bands: int = 31                 # 400-700 nm in 10 nm steps, the CAVE / NTIRE convention
     width: int = 40                 # C, feature width of DRPN and level 0 (paper Sec. 4.1: B = 40)
-    d_state: int = 16               # n of the PromptSSM scans, Mamba's default
+    d_state: int = 8                # n of the PromptSSM scans; not Mamba's 16, which is 34 % over the paper's MACs
     expand: int = 2                 # SS2D inner width E = expand * width in the PromptSSMs, as VMamba
     drpn_d_state: int = 4           # DRPN scans are light: the paper's whole DRPN is ~0.05 M params
     drpn_expand: int = 1            # idem
@@ -61,7 +61,7 @@ class Config:
 # -----------------------------------------------------------------------------
 # Point spectra (Sec. 3.1)
 
-def fit_gamma(values) -> tuple[float, float]:
+def fit_gamma(values: np.ndarray | torch.Tensor) -> tuple[float, float]:
     """Method-of-moments Gamma fit: alpha = m^2 / v, theta = v / m.
 
     values: any array or tensor of non-negative spectral values (e.g. the labelled training spectra).
@@ -86,15 +86,17 @@ def num_points(h: int, w: int, ratio: float) -> int:
     return max(1, math.floor(ratio * h * w + 1e-9))  # + 1e-9: 0.0001 * 10000 must give 1, not 0
 
 
-def sample_points(shape, ratio: float, alpha: float, theta: float, generator: torch.Generator | None = None,
-                  dist: str = "gamma", device=None) -> torch.Tensor:
+def sample_points(shape: tuple[int, int, int, int], ratio: float, alpha: float, theta: float,
+                  generator: torch.Generator | None = None, dist: str = "gamma",
+                  device: torch.device | str | None = None) -> torch.Tensor:
     """The sparse point-spectra cube Y_g^p = Y_g (x) M of Eq. (2).
 
     shape: (b, bands, h, w). Each image gets num_points(h, w, ratio) distinct random pixels whose
     spectra are i.i.d. draws: Gamma(alpha, theta) ("gamma"), a Gaussian of the same mean and variance
     ("gaussian", the paper's ablation; it can go negative, which is the point of the comparison),
     or nothing ("zeros"). Everything else is zero. Returns a float32 tensor of `shape`.
-    The draws come from `generator` when given (evaluation fixes it by seed), else from torch's global RNG.
+    The draws come from `generator` when given (evaluation fixes it by seed), else from torch's global RNG;
+    it must be a CPU generator, since the cube is drawn on the CPU and then moved to `device`.
     """
     b, bands, h, w = shape
     k = num_points(h, w, ratio)
@@ -167,7 +169,8 @@ class SpectralAttention(nn.Module):
 
     As the paper says: a linear layer, then three 3x3 convolutions give Q, K and V. We make the 3x3
     convolutions depthwise (as Restormer and MST++ do): full 3x3 convs would cost 9.C^2 MACs per pixel
-    each and put the model ~70 % above the paper's 4.65 GFLOPs (Table 10); depthwise ones land near it.
+    each, 8.3 G MACs for the whole model at 128x128 against the paper's 4.65 G (Table 10); with
+    depthwise ones it is 5.9 G (python bench.py --only model).
     In MST's channel-first layout Eq. (9) reads out = (P_spe @ A) @ v with A = softmax(sigma . k^ q^T)
     over its last dim; P_spe and A are both row-stochastic, so their product still mixes channels
     with weights that sum to one.
@@ -236,12 +239,15 @@ class SpaPrompt(nn.Module):
 
     The FRFT of F1 is complex; it enters the second scan as 2C real channels [Re; Im], leaves as
     2C, goes back by the inverse FRFT (order -a) and its real part is kept. The order a is learnable
-    (one for both axes). Its gradient is ~N.|x| (frft.py), large next to the conv weights, so the
-    parameter is stored divided by `order_scale` to bring its Adam steps in line with theirs.
-    cfg.spa_transform = "fft" swaps the FRFT for the plain unitary 2-D FFT (Table 5).
+    (one for both axes). It is stored divided by `order_scale`: Adam moves every parameter by ~lr per
+    step whatever its gradient (and the order's gradient is ~N.|x|, frft.py), so this gives the order
+    a 10x smaller learning rate than the weights — a step of lr in a is a large rotation of the
+    spectrum, a step of lr in a weight is not.
+    cfg.spa_transform = "fft" swaps the FRFT for the centred unitary 2-D DFT, which is the FRFT of
+    order 1, so that the ablation changes only the order (Table 5).
     """
 
-    order_scale = 0.1  # order = order_scale * self.order; Adam moves parameters by ~lr per step regardless
+    order_scale = 0.1  # order = order_scale * self.order
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -255,11 +261,12 @@ class SpaPrompt(nn.Module):
         self.fuse = conv3(2 * c, c)
 
     def transform(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        """FRFT2 of order a (inverse: -a), or the unitary FFT2 in the ablation; complex out."""
-        if not self.use_frft:
-            return (torch.fft.ifft2 if inverse else torch.fft.fft2)(x, norm="ortho")
-        a = self.order * self.order_scale
-        return frft2(x, -a if inverse else a)
+        """FRFT2 of order a (inverse: -a), or the centred unitary DFT2 in the ablation; complex out."""
+        if self.use_frft:
+            a = self.order * self.order_scale
+            return frft2(x, -a if inverse else a)
+        dft = torch.fft.ifft2 if inverse else torch.fft.fft2
+        return torch.fft.fftshift(dft(torch.fft.ifftshift(x, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
 
     def forward(self, f1: torch.Tensor) -> torch.Tensor:
         f_spa = self.scan_spa(f1)  # Eq. (4), F_Spa
@@ -273,12 +280,14 @@ class DRPN(nn.Module):
     """Dynamic Receptive Prompt Neck: RGB + point spectra -> (Y3, [P_spe per PromptSSM]).
 
     A switched-off branch (cfg.use_spa / use_hf) takes its fusing conv with it: Y2 = Y1, Y3 = Y2.
+    Nothing is built that the configuration does not use: F1 only feeds the two spatial branches, and
+    P_spe only exists for the PromptSSMs' prompted attention.
     """
 
     def __init__(self, cfg: Config, prompt_shapes: list[tuple[int, int, int]]):
         super().__init__()
         c, nb = cfg.width, cfg.bands
-        self.f1 = conv3(3, c)
+        self.f1 = conv3(3, c) if cfg.use_spa or cfg.use_hf else None
         self.spa = SpaPrompt(cfg) if cfg.use_spa else None
         self.hf = nn.Sequential(conv3(c, c), nn.GELU(), conv3(c, c)) if cfg.use_hf else None
         self.y1 = nn.Sequential(conv3(nb + 1, nb), nn.GELU(), conv3(nb, nb))
@@ -286,10 +295,13 @@ class DRPN(nn.Module):
         self.y3 = conv3(nb + c, nb) if cfg.use_hf else None
         # one P_spe per PromptSSM: (width, heads, downsampling) of that block
         self.n_blocks = len(prompt_shapes)
-        self.spe = nn.ModuleList(SpectralPrompt(nb, w, h, s) for w, h, s in prompt_shapes) if cfg.use_spe else None
+        use_spe = cfg.use_spe and cfg.use_prompt_ssm
+        self.spe = nn.ModuleList(SpectralPrompt(nb, w, h, s) for w, h, s in prompt_shapes) if use_spe else None
 
-    def forward(self, rgb: torch.Tensor, points: torch.Tensor):
-        f1 = self.f1(rgb)  # Eq. (4), (b, C, h, w)
+    def forward(self, rgb: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """rgb (b, 3, h, w), points (b, 31, h, w) -> Y3 (b, 31, h, w) and one P_spe (b, heads, d, d) or
+        None per PromptSSM."""
+        f1 = self.f1(rgb) if self.f1 is not None else None  # Eq. (4), (b, C, h, w)
         x_m = rgb.mean(1, keepdim=True)  # Eq. (6), X_m
         y = self.y1(torch.cat([points, x_m], 1))  # Eq. (6), Y1
         if self.spa is not None:
@@ -313,8 +325,9 @@ class DyProMamba(nn.Module):
     so no measured spectrum is duplicated) and cropped back.
     """
 
-    def __init__(self, cfg: Config = Config()):
+    def __init__(self, cfg: Config | None = None):
         super().__init__()
+        cfg = Config() if cfg is None else cfg  # a fresh default each time: a shared one would be mutable state
         self.cfg = cfg
         c, nb, hd = cfg.width, cfg.bands, cfg.heads
         self.drpn = DRPN(cfg, [(c, hd, 1), (2 * c, 2 * hd, 2), (c, hd, 1)])
@@ -351,7 +364,8 @@ LOSS_WEIGHTS = {"phsi": 1.0, "rep": 1.0, "ssim": 0.3, "p2i": 0.3}  # Eq. (15): 1
 
 
 def pixel_ssr_loss(model: DyProMamba, rgb: torch.Tensor, hsi: torch.Tensor, y3: torch.Tensor,
-                   target: torch.Tensor, mask: torch.Tensor, srf: torch.Tensor):
+                   target: torch.Tensor, mask: torch.Tensor, srf: torch.Tensor
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L = L_pHSI + 1.L_rep + 0.3.L_SSIM + 0.3.L_P2I, Eq. (14)-(15).
 
     rgb (b, 3, h, w); hsi = Y^r and y3 = Y3 (b, 31, h, w); target (b, 31, h, w), read only where
@@ -359,13 +373,13 @@ def pixel_ssr_loss(model: DyProMamba, rgb: torch.Tensor, hsi: torch.Tensor, y3: 
     training can log every term.
     """
     n_lab = mask.sum()
-    if n_lab > 0:  # L_pHSI: mean |Y^r - Y^p| over labelled pixels only
+    if n_lab > 0:  # Eq. (14), L_pHSI: mean |Y^r - Y^p| over labelled pixels only
         l_phsi = ((hsi - target).abs() * mask).sum() / (n_lab * hsi.shape[1])
     else:
         l_phsi = hsi.new_zeros(())
-    l_rep = (rgb - torch.einsum("cn,bnhw->bchw", srf, hsi)).abs().mean()  # L_rep = |X - S.Y^r|
-    l_ssim = 1 - _ssim(hsi[:, :-1], hsi[:, 1:]).mean()  # adjacent bands (i, i+1)
-    l_p2i = (rgb - model.h2r(y3)).abs().mean()  # L_P2I = |X - H2R(Y3)|
+    l_rep = (rgb - torch.einsum("cn,bnhw->bchw", srf, hsi)).abs().mean()  # Eq. (14), L_rep = |X - S.Y^r|
+    l_ssim = 1 - _ssim(hsi[:, :-1], hsi[:, 1:]).mean()  # Eq. (14), L_SSIM over adjacent bands (i, i+1)
+    l_p2i = (rgb - model.h2r(y3)).abs().mean()  # Eq. (14), L_P2I = |X - H2R(Y3)|
     terms = {"phsi": l_phsi, "rep": l_rep, "ssim": l_ssim, "p2i": l_p2i}
     return sum(LOSS_WEIGHTS[k] * v for k, v in terms.items()), terms
 
@@ -434,7 +448,8 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def sam(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Spectral angle in degrees per pixel, mean over pixels, Eq. (13). Zero-norm pixels count via eps."""
-    p, t = _batched(pred, target)
+    """Spectral angle in degrees per pixel, mean over pixels, Eq. (13). Zero-norm pixels count via eps.
+    Computed in float64: near cos = 1, acos of a float32 cosine cannot resolve angles below ~0.02°."""
+    p, t = _batched(pred.double(), target.double())
     cos = (p * t).sum(1) / (p.norm(dim=1) * t.norm(dim=1)).clamp_min(eps)
-    return torch.rad2deg(torch.acos(cos.clamp(-1, 1))).mean()
+    return torch.rad2deg(torch.acos(cos.clamp(-1, 1))).mean().to(pred.dtype)

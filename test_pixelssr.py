@@ -22,6 +22,7 @@ import scipy.signal
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import frft
@@ -252,7 +253,11 @@ def test_frft2_is_frft_along_height_and_width(h, w, a_h, a_w, dtype, is_complex,
     x = _frft_signal(seed, h * w, dtype, is_complex, batch=2).unflatten(-1, (h, w))
     along_each = frft.frft(frft.frft(x, a_h, dim=1), a_w, dim=2)
     assert _frft_err(frft.frft2(x, a_h, a_w), along_each) < 2 * _FRFT_TOL[dtype]
-    assert _frft_err(frft.frft2(x, a_h), frft.frft2(x, a_h, a_h)) == 0
+
+
+def test_frft2_width_order_defaults_to_the_height_order():
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    assert torch.equal(frft.frft2(x, 0.3), frft.frft2(x, 0.3, 0.3))
 
 
 @settings(max_examples=10, deadline=None)
@@ -344,11 +349,11 @@ def _assert_scans_agree(case: dict, inputs: dict, rtol: float) -> None:
     y1, last1, g1 = _scan_with_grads(selective_scan, inputs, case["softplus"], chunk_size=case["chunk"])
     _assert_close(y1, y0, rtol, "y")
     _assert_close(last1, last0, rtol, "last state")
-    # float32: gradients reduced over b and l (A, D, delta_bias) can be small by cancellation, far below
-    # their rounding error; measure them against the largest gradient of all instead.
-    top = max(g.abs().max().item() for g in g0.values()) if case["dtype"] == torch.float32 else None
+    # Each gradient at its own scale, except that a float32 gradient reduced over b and l (A, D, delta_bias)
+    # may nearly cancel, far below its own rounding error: it is measured against 1e-3 of the largest one.
+    floor = 1e-3 * max(g.abs().max().item() for g in g0.values()) if case["dtype"] == torch.float32 else 0.0
     for k in g0:
-        _assert_close(g1[k], g0[k], rtol, f"grad {k}", scale=top)
+        _assert_close(g1[k], g0[k], rtol, f"grad {k}", scale=max(g0[k].abs().max().item(), floor))
 
 
 @SCAN_SETTINGS
@@ -360,7 +365,14 @@ def test_scan_matches_ref(case):
                                chunk_size=case["chunk"])
     _assert_close(y1, y0, SCAN_TOL[case["dtype"]], "y")
     _assert_close(last1, last0, SCAN_TOL[case["dtype"]], "last state")
-    assert torch.equal(selective_scan(**inputs, delta_softplus=case["softplus"], chunk_size=case["chunk"]), y1)
+
+
+@SCAN_SETTINGS
+@given(case=scan_cases())
+def test_scan_is_deterministic(case):
+    inputs = _scan_inputs(case)
+    run = lambda: selective_scan(**inputs, delta_softplus=case["softplus"], chunk_size=case["chunk"])
+    assert torch.equal(run(), run())
 
 
 @SCAN_SETTINGS
@@ -593,8 +605,15 @@ def test_model_is_deterministic_given_the_seed():
     assert torch.equal(a, b)
 
 
-def test_gradient_reaches_every_parameter_including_the_frft_order():
-    m = _model()
+# every configuration the ablations build: nothing is built that the forward pass does not use
+CONFIGS = {"full": SMALL, "fft": dataclasses.replace(SMALL, spa_transform="fft"),
+           "no_spatial_prompts": dataclasses.replace(SMALL, use_spa=False, use_hf=False),
+           **{f"no_{k[4:]}": dataclasses.replace(SMALL, **{k: False}) for k in ("use_spe", "use_prompt_ssm")}}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_gradient_reaches_every_parameter(config):
+    m = _model(CONFIGS[config])
     rgb, pts = _inputs(2, 16, 16)
     hsi, y3 = m(rgb, pts)
     mask = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
@@ -603,7 +622,18 @@ def test_gradient_reaches_every_parameter_including_the_frft_order():
     loss.backward()
     silent = [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not silent, f"no gradient reaches {silent}"
-    assert m.drpn.spa.order.grad.abs() > 0
+
+
+def test_model_size_is_within_30_percent_of_the_paper():
+    """Table 10: 0.61 M parameters and 4.65 G multiply-accumulates at 128x128 (DESIGN.md allows ±30 %).
+    H2R is a training-only head, outside the inference model the paper measures."""
+    m = P.DyProMamba().eval()
+    params = sum(p.numel() for n, p in m.named_parameters() if not n.startswith("h2r."))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        m(torch.rand(1, 3, 128, 128), torch.zeros(1, 31, 128, 128))
+    assert params == pytest.approx(0.61e6, rel=0.3)
+    assert counter.get_total_flops() / 2 == pytest.approx(4.65e9, rel=0.3)
 
 
 def _loss_inputs(seed: int = 0):
@@ -625,6 +655,33 @@ def test_each_loss_term_alone_carries_gradient_to_the_output(term, wrt):
     assert terms[term].requires_grad, f"{term} is detached"
     (grad,) = torch.autograd.grad(terms[term], {"hsi": hsi, "y3": y3}[wrt])
     assert grad.abs().sum() > 0
+
+
+def test_rep_loss_is_the_mean_abs_rgb_error_of_the_projected_hsi():
+    hsi, y3, rgb, target, mask, srf = _loss_inputs()
+    _, terms = P.pixel_ssr_loss(_model(), rgb, hsi, y3, target, mask, srf)
+    expected = np.abs(rgb.numpy() - np.einsum("cn,bnhw->bchw", srf.numpy(), hsi.detach().numpy())).mean()
+    assert terms["rep"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ssim_loss_is_one_minus_the_mean_ssim_of_adjacent_bands():
+    hsi, y3, rgb, target, mask, srf = _loss_inputs()
+    _, terms = P.pixel_ssr_loss(_model(), rgb, hsi, y3, target, mask, srf)
+    y = hsi.detach().double().numpy()
+    expected = 1 - np.mean([_np_ssim_band(im[i], im[i + 1]) for im in y for i in range(30)])
+    assert terms["ssim"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_p2i_loss_compares_the_rgb_with_h2r_of_y3():
+    """With H2R swapped for the camera response itself, L_P2I is mean |X - S.Y3|, computed in numpy."""
+    hsi, y3, rgb, target, mask, srf = _loss_inputs()
+    m = _model()
+    m.h2r = torch.nn.Conv2d(31, 3, 1, bias=False)
+    with torch.no_grad():
+        m.h2r.weight.copy_(srf[:, :, None, None])
+    _, terms = P.pixel_ssr_loss(m, rgb, hsi, y3, target, mask, srf)
+    expected = np.abs(rgb.numpy() - np.einsum("cn,bnhw->bchw", srf.numpy(), y3.detach().numpy())).mean()
+    assert terms["p2i"].item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_loss_total_is_the_weighted_sum_of_eq15():
@@ -678,14 +735,18 @@ def test_fft_ablation_drops_only_the_learnable_order():
     assert not torch.allclose(full(*x)[0], fft(*x)[0])
 
 
-def test_frft_branch_at_order_one_is_the_centred_fft_branch():
-    """At order a = 1 the Spa-FRFT branch's transform is the centred unitary 2-D DFT."""
-    spa = _model().drpn.spa
+@pytest.mark.parametrize("inverse", [False, True])
+def test_frft_branch_at_order_one_is_the_fft_ablation(inverse):
+    """At order a = 1 the Spa-FRFT branch's transform (and its inverse) is the FFT ablation's: the
+    centred unitary 2-D DFT, so Table 5 compares orders and nothing else."""
+    spa, fft = _model().drpn.spa, _model(dataclasses.replace(SMALL, spa_transform="fft")).drpn.spa
     with torch.no_grad():
         spa.order.fill_(1 / spa.order_scale)
-    x = torch.randn(2, 8, 6, 7)
-    centred = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(x, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
-    torch.testing.assert_close(spa.transform(x), centred, rtol=1e-4, atol=1e-5)
+    x = torch.randn(2, 8, 6, 7, dtype=torch.complex64)
+    shift = (torch.fft.ifft2 if inverse else torch.fft.fft2)(torch.fft.ifftshift(x, dim=(-2, -1)), norm="ortho")
+    centred = torch.fft.fftshift(shift, dim=(-2, -1))
+    torch.testing.assert_close(fft.transform(x, inverse), centred)
+    torch.testing.assert_close(spa.transform(x, inverse), centred, rtol=1e-4, atol=1e-5)
 
 
 # ---- point spectra ----
@@ -783,6 +844,11 @@ def test_metrics_of_identical_images_are_perfect(h, w, seed):
     assert P.rmse(x, x).item() == 0 and P.psnr(x, x).item() == math.inf
     assert P.ssim(x, x).item() == pytest.approx(1, abs=1e-12)
     assert P.sam(x, x).item() == pytest.approx(0, abs=1e-5)  # arccos near 1 amplifies rounding
+
+
+def test_sam_resolves_small_angles_in_float32():
+    x = torch.from_numpy(np.random.default_rng(0).uniform(0.1, 1, (31, 12, 12)).astype(np.float32))
+    assert P.sam(x, x).item() < 1e-4
 
 
 @settings(max_examples=10, deadline=None)
@@ -1005,7 +1071,7 @@ def test_data_rgb_numpy_torch_agree():
     assert 0 <= out_np.min() and out_np.max() <= 1
 
 
-def test_data_load_rgb_modes(tmp_path):
+def test_load_rgb_accepts_16_bit_grey_and_rgba(tmp_path):
     Image.fromarray(np.full((3, 4), 30000, np.uint16)).save(tmp_path / "grey16.png")
     Image.new("RGBA", (4, 3), (255, 0, 51, 7)).save(tmp_path / "rgba.png")
     np.testing.assert_allclose(data.load_rgb(tmp_path / "grey16.png"), 30000 / 65535, rtol=1e-6)
@@ -1048,7 +1114,7 @@ def test_data_demo_scenes_deterministic():
 
 
 @given(st.integers(1, 64), st.integers(1, 64), st.integers(0, 10000))
-def test_labels_count(h, w, permyriad):
+def test_label_set_has_max_1_floor_ratio_hw_pixels(h, w, permyriad):
     expected = 0 if permyriad == 0 else max(1, permyriad * h * w // 10000)
     assert len(data.draw_label_set(h, w, permyriad / 10000, seed=0)) == expected
 
@@ -1238,16 +1304,32 @@ def test_fit_eval_predict_end_to_end_on_real_crops(tmp_path):
     assert np.load(pr / "cube.npy").shape == (64, 64, 31)
 
 
-def test_tiled_reconstruction_covers_the_image_and_matches_on_one_tile():
-    torch.manual_seed(0)
-    m = P.DyProMamba(P.Config(width=8, d_state=4)).eval()
+def test_reconstruct_runs_an_image_that_fits_one_tile_whole():
+    m = _model().eval()
     rgb, pts = torch.rand(3, 40, 52), torch.zeros(31, 40, 52)
-    whole = train.reconstruct(m, rgb, pts)
-    assert torch.equal(train.reconstruct(m, rgb, pts, tile=64), whole)  # one tile: the whole image
-    tiled = train.reconstruct(m, rgb, pts, tile=24, overlap=8)
-    assert tiled.shape == whole.shape and torch.isfinite(tiled).all()
-    small = train.reconstruct(m, rgb, pts, tile=16)  # tile below the default overlap of 32
-    assert small.shape == whole.shape and torch.isfinite(small).all()
+    assert torch.equal(train.reconstruct(m, rgb, pts, tile=64), train.reconstruct(m, rgb, pts))
+
+
+class _PixelwiseModel(torch.nn.Module):
+    """A stand-in network whose output at a pixel depends on that pixel's input alone: tiling must not
+    change its result, wherever the tiles fall and however they are blended."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = torch.nn.Conv2d(3 + 31, 31, 1)
+
+    def forward(self, rgb: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.mix(torch.cat([rgb, points], 1))
+        return y, y
+
+
+@pytest.mark.parametrize("tile,overlap", [(24, 8), (16, 32), (7, 2)])  # 16: below the default overlap
+def test_tiled_reconstruction_equals_whole_for_a_pixelwise_model(tile, overlap):
+    torch.manual_seed(0)
+    m = _PixelwiseModel()
+    rgb, pts = torch.rand(3, 40, 53), torch.rand(31, 40, 53)
+    with torch.no_grad():
+        torch.testing.assert_close(train.reconstruct(m, rgb, pts, tile, overlap), train.reconstruct(m, rgb, pts))
 
 
 @pytest.mark.parametrize("argv,words", [
