@@ -16,6 +16,7 @@ Sections:
 """
 
 import argparse
+import ctypes
 import inspect
 import os
 import statistics
@@ -34,6 +35,20 @@ from ssm import selective_scan, selective_scan_ref
 # The profiler that measures CPU peak memory (kineto) logs `USDT ... profiler_start/stop` lines to
 # stderr at its highest level (5); 6 silences it. Read when the profiler first starts, so setting it here is enough.
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
+def _keep_freed_cpu_memory() -> None:
+    """Make glibc's malloc keep freed memory for reuse rather than hand it back to the OS. Otherwise a
+    tensor of tens of MB may be fresh pages each time, ~10 ms of page faults for a 20 MB result, or
+    not, depending on the allocator's history: the same fft2 forward measured 4.5 ms in one process
+    and 18 ms in the next. (CUDA has its own caching allocator; other C libraries are left alone.)"""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_trim_threshold, 2**31 - 1)  # never trim the heap
+    mallopt(m_mmap_threshold, 32 * 2**20)  # blocks up to 32 MB (glibc's documented maximum) come from the heap
 
 
 def _pscan(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +157,8 @@ def bench_frft(device: torch.device) -> None:
     """Print frft2 against torch.fft.fft2(norm="ortho") at (4, 40, 128, 128) float32 — the Spa-FRFT
     prompt's shape in a training step — forward and forward+backward, median of 9 runs after 5 warm-ups
     (the first runs of a fresh shape pay for memory from the OS). frft2 costs dense N×N matrix products
-    where the FFT is O(N log N), so some ratio is expected."""
+    where the FFT is O(N log N), so some ratio is expected; how much is printed as a floor: the FLOPs of
+    those products at the fastest rate this device runs a large complex64 matmul."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(4, 40, 128, 128, device=device, generator=g, requires_grad=True)
@@ -176,13 +192,23 @@ def bench_frft(device: torch.device) -> None:
     def frft_learnt_order() -> torch.Tensor:
         return frft2(x, order)
 
+    # Forward on real x: x @ [Re Fᵀ, Im Fᵀ] (4·b·N³ FLOPs) then F @ (complex, 8·b·N³); the backward runs
+    # the same two products in reverse. b = 160 images of N = 128.
+    dense_flops = 24 * x.numel() * x.shape[-1]  # 24·b·N³ with b·N² = x.numel()
+
     fwd_fft, fwd_frft = forward_ms(fft), forward_ms(frft_fixed_order)
     both_fft, both_frft = forward_backward_ms(fft, x), forward_backward_ms(frft_fixed_order, x)
     both_learnt = forward_backward_ms(frft_learnt_order, (x, order))
+    big = torch.randn(1024, 1024, device=device, dtype=torch.complex64, generator=g)
+    peak = 8 * 1024**3 / (median_ms(lambda: big @ big) / 1e3)  # FLOP/s
     print(f"frft2 vs fft2 (norm='ortho'), (4, 40, 128, 128) float32 on {device}, median ms:")
     print(f"  forward           fft2 {fwd_fft:8.2f}   frft2 {fwd_frft:8.2f}   ratio {fwd_frft / fwd_fft:5.2f}")
     print(f"  forward+backward  fft2 {both_fft:8.2f}   frft2 {both_frft:8.2f}   ratio {both_frft / both_fft:5.2f}")
     print(f"  forward+backward, order learnt too:   frft2 {both_learnt:8.2f}   ratio {both_learnt / both_fft:5.2f}")
+    floor = 1e3 * dense_flops / peak
+    print(f"  floor for forward+backward: {dense_flops / 1e9:.2f} GFLOP of matrix products at this device's "
+          f"{peak / 1e9:.0f} GFLOP/s\n    (a 1024² complex64 matmul) = {floor:.2f} ms, ratio {floor / both_fft:5.2f}; "
+          f"frft2 runs at {floor / both_frft:.0%} of it")
 
 
 def _macs(fn) -> float:
@@ -259,6 +285,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="training batch of 128x128 patches")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of each model measurement (best is kept)")
     args = ap.parse_args()
+    _keep_freed_cpu_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
