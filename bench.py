@@ -44,7 +44,7 @@ def _keep_freed_cpu_memory() -> None:
     and 18 ms in the next. (CUDA has its own caching allocator; other C libraries are left alone.)"""
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no C library of that kind (Windows: TypeError)
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
     mallopt(m_trim_threshold, 2**31 - 1)  # never trim the heap
