@@ -41,7 +41,8 @@ def _keep_freed_cpu_memory() -> None:
     """Make glibc's malloc keep freed memory for reuse rather than hand it back to the OS. Otherwise a
     tensor of tens of MB may be fresh pages each time, ~10 ms of page faults for a 20 MB result, or
     not, depending on the allocator's history: the same fft2 forward measured 4.5 ms in one process
-    and 18 ms in the next. (CUDA has its own caching allocator; other C libraries are left alone.)"""
+    and 18 ms in the next. (CUDA has its own caching allocator. Without glibc's mallopt, e.g. on macOS or
+    Windows, nothing is done.)"""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError, TypeError):  # no C library of that kind (Windows: TypeError)
@@ -199,16 +200,17 @@ def bench_frft(device: torch.device) -> None:
     fwd_fft, fwd_frft = forward_ms(fft), forward_ms(frft_fixed_order)
     both_fft, both_frft = forward_backward_ms(fft, x), forward_backward_ms(frft_fixed_order, x)
     both_learnt = forward_backward_ms(frft_learnt_order, (x, order))
-    big = torch.randn(1024, 1024, device=device, dtype=torch.complex64, generator=g)
-    peak = 8 * 1024**3 / (median_ms(lambda: big @ big) / 1e3)  # FLOP/s
+    m = 4096 if device.type == "cuda" else 1024  # long enough per call that timing it is fair
+    big = torch.randn(m, m, device=device, dtype=torch.complex64, generator=g)
+    peak = 8 * m**3 / (median_ms(lambda: big @ big) / 1e3)  # FLOP/s
     print(f"frft2 vs fft2 (norm='ortho'), (4, 40, 128, 128) float32 on {device}, median ms:")
     print(f"  forward           fft2 {fwd_fft:8.2f}   frft2 {fwd_frft:8.2f}   ratio {fwd_frft / fwd_fft:5.2f}")
     print(f"  forward+backward  fft2 {both_fft:8.2f}   frft2 {both_frft:8.2f}   ratio {both_frft / both_fft:5.2f}")
     print(f"  forward+backward, order learnt too:   frft2 {both_learnt:8.2f}   ratio {both_learnt / both_fft:5.2f}")
     floor = 1e3 * dense_flops / peak
-    print(f"  floor for forward+backward: {dense_flops / 1e9:.2f} GFLOP of matrix products at this device's "
-          f"{peak / 1e9:.0f} GFLOP/s\n    (a 1024² complex64 matmul) = {floor:.2f} ms, ratio {floor / both_fft:5.2f}; "
-          f"frft2 runs at {floor / both_frft:.0%} of it")
+    print(f"  floor, fixed order: its {dense_flops / 1e9:.2f} GFLOP of matrix products at {peak / 1e9:.0f} GFLOP/s "
+          f"(one {m}² complex64 matmul here)\n    take {floor:.2f} ms, ratio {floor / both_fft:5.2f}; "
+          f"frft2 takes {both_frft / floor:.2f}× that")
 
 
 def _macs(fn) -> float:
@@ -238,8 +240,9 @@ def bench_model(device: torch.device, batch: int, repeat: int) -> None:
     print(f"parameters: {(n_all - n_h2r) / 1e6:.3f} M for inference (+{n_h2r / 1e6:.3f} M of the training-only "
           f"H2R of L_P2I); DRPN {n_drpn / 1e6:.3f} M      paper (Table 10): 0.61 M")
     print(f"FLOPs at 1x3x128x128 (multiply-accumulates, torch.utils.flop_counter / 2): {macs / 1e9:.2f} G, "
-          f"DRPN {drpn_macs / 1e9:.2f} G, of which the FRFT matrix products {frft_macs / 1e9:.2f} G "
-          f"(an FFT-based FRFT would not be counted)      paper: 4.65 G")
+          f"DRPN {drpn_macs / 1e9:.2f} G, of which the FRFT matrix products {frft_macs / 1e9:.2f} G      paper: 4.65 G\n"
+          f"  (flop_counter counts a complex multiply-add as one, a quarter of its real cost, and would not count "
+          f"an FFT-based FRFT at all)")
     model.eval()
     with torch.no_grad():
         t_fwd = _timed(lambda: model(rgb, pts), device, repeat)

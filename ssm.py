@@ -92,8 +92,10 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 # fixed ~5 µs plus its size, and is several times cheaper per element while the state stays in the CPU's
 # cache, so on a CPU K is chosen to make that state ~2 MB (the L2 of two cores): at SS2D's shapes
 # (b·d·n ≈ 40k-80k) that is a few long chunks, not hundreds of short ones. When it leaves K = 1, passes
-# (1)-(2) vanish. On a GPU the elementwise work is nearly free and each step costs its kernel launches,
-# so the count that matters is sequential steps, T in passes (1) and (3) and K in (2): K ≈ √l.
+# (1)-(2) vanish. On a GPU the elementwise work is nearly free and each step costs its kernel launches:
+# about 30 per step of passes (1) and (3), forward and backward together, about 4 per step of pass (2).
+# 30·T + 4·K with K·T = l is least at K ≈ √(8l): for l = 128², 256 chunks of 64 steps. The backward
+# then holds ~2·_SUB states of b·K·d·n floats, ~0.75 GB at the model's largest scan at batch 8.
 # Internal layout: time-major, channels last — u, Δ, y as (b, l, d) and B, C as (b, l, g, n) — so that one
 # step of every chunk is a plain strided view (no copies), and the state is (b, K, g, n, d/g), channels
 # innermost, so that the contractions over n (y = Cᵀh, ∂C = h·dy, Σ_n B·ĝ, ∂B = ĝ·Δu) are batched matmuls.
@@ -242,7 +244,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     u, delta: (b, d, l); A: (d, n); B, C: (b, n, l) or (b, g, n, l); D, delta_bias: (d,); z: (b, d, l).
     Any l works: the tail is padded with identity steps (Δ = 0 so exp(Δ·A) = 1, and B = C = 0).
     chunk_size: steps per chunk T; None picks the number of chunks K: on a CPU so that one step's state
-    (b, K, d, n) is about 2 MB, on a GPU K ≈ √l (see above). Inputs laid out (b, l, d) in memory,
+    (b, K, d, n) is about 2 MB, on a GPU K ≈ √(8l) (see above). Inputs laid out (b, l, d) in memory,
     i.e. u = x.transpose(1, 2) for a contiguous x (b, l, d), are used without a copy, and y comes back
     in that layout.
     Returns y (b, d, l), and the final state (b, d, n) if `return_last_state`.
@@ -255,8 +257,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         delta = F.softplus(delta)
     B4, C4 = (B, C) if B.dim() == 4 else (B.unsqueeze(1), C.unsqueeze(1))   # (b, g, n, l)
     if chunk_size is None:
-        # A power of two, so that the usual l (image sizes) need no padding; ≥ √l steps per chunk.
-        K = math.isqrt(l) if u.device.type != "cpu" else min(_STATE_FLOATS // (b * d * n), math.isqrt(l))
+        # A power of two, so that the usual l (image sizes) need no padding; on a CPU ≥ √l steps per chunk.
+        K = min(_STATE_FLOATS // (b * d * n), math.isqrt(l)) if u.device.type == "cpu" else math.isqrt(8 * l)
         K = 1 << max(0, K.bit_length() - 1)
     else:
         K = math.ceil(l / max(1, min(chunk_size, l)))
