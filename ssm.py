@@ -331,9 +331,11 @@ class SS2D(nn.Module):
                             -torch.exp(self.A_log).view(4 * E, n), Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1),
                             D=self.D.view(-1), delta_bias=self.dt_proj_bias.view(-1), delta_softplus=True)
         ys = ys.transpose(1, 2).view(bsz, l, 4, E)                            # a view: ys is laid out so already
-        # Back to image order: undo the reversal, then the transpose; sum the routes.
-        y_rows = ys[:, :, 0] + ys[:, :, 2].flip(1)                            # (b, l, E) row-major
-        y_cols = (ys[:, :, 1] + ys[:, :, 3].flip(1)).view(bsz, ww, hh, E).transpose(1, 2)
+        # Back to image order: undo the reversal, then the transpose; sum the routes. (unbind, not ys[:, :, k]:
+        # its backward is one stack, where each indexing's would be a full-size tensor of zeros.)
+        y_row, y_col, y_row_rev, y_col_rev = ys.unbind(2)                     # (b, l, E) each
+        y_rows = y_row + y_row_rev.flip(1)                                    # (b, l, E) row-major
+        y_cols = (y_col + y_col_rev.flip(1)).view(bsz, ww, hh, E).transpose(1, 2)
         y = y_rows.view(bsz, hh, ww, E) + y_cols                              # (b, h, w, E)
         y = self.norm(y) * F.silu(z)                                          # (b, h, w, E)
         return self.out_proj(y).permute(0, 3, 1, 2)                           # (b, dim, h, w)
