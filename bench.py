@@ -159,7 +159,7 @@ def bench_frft(device: torch.device) -> None:
     prompt's shape in a training step — forward and forward+backward, median of 9 runs after 5 warm-ups
     (the first runs of a fresh shape pay for memory from the OS). frft2 costs dense N×N matrix products
     where the FFT is O(N log N), so some ratio is expected; how much is printed as a floor: the FLOPs of
-    those products at the fastest rate this device runs a large complex64 matmul."""
+    those products at the rate of one large complex64 matmul on this device."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(4, 40, 128, 128, device=device, generator=g, requires_grad=True)

@@ -100,7 +100,7 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 # step of every chunk is a plain strided view (no copies), and the state is (b, K, g, n, d/g), channels
 # innermost, so that the contractions over n (y = Cᵀh, ∂C = h·dy, Σ_n B·ĝ, ∂B = ĝ·Δu) are batched matmuls.
 
-_STATE_FLOATS = 2 ** 19          # target size of one step's state (b, K, d, n): 2 MB of float32
+_STATE_FLOATS = 2 ** 19          # on a CPU, target size of one step's state (b, K, d, n): 2 MB of float32
 _SUB = 16                        # steps between kept states; the backward holds 2·_SUB states at once
 
 
