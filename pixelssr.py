@@ -56,6 +56,14 @@ class Config:
     use_prompt_ssm: bool = True     # PromptSSM's prompted spectral attention; off = plain SS2D + FFN block (Table 4)
     spa_transform: str = "frft"     # "frft" or "fft": the transform of the P_spa branch (Table 5)
     points: str = "gamma"           # "gamma", "gaussian" or "zeros": the input point spectra (Table 3)
+    # the output layer (see DyProMamba.head): "abs" = |conv3(.)|, non-negative as spectra are, yet never
+    # saturated (its gradient is +-1 everywhere) and blind to the sign a band's weights happen to take;
+    # "linear" = the paper's bare conv3, whose bands trained networks flipped (README, "Training fixes")
+    output: str = "abs"
+    # "rootpoly" (opt-in, beyond the paper): Y^r = |M(X) + correction|, M the root-polynomial map fitted
+    # on the run's labelled pixels (a (6, 31) buffer, saved with the weights), the correction zero at
+    # the start, so training starts at the classical baseline; "none": the paper's network alone
+    prior: str = "none"
 
 
 # -----------------------------------------------------------------------------
@@ -115,6 +123,16 @@ def sample_points(shape: tuple[int, int, int, int], ratio: float, alpha: float, 
             idx = torch.randperm(h * w, generator=generator)[:k]
             out[i][:, idx] = torch.as_tensor(vals[i], dtype=torch.float32)
     return out.view(b, bands, h, w).to(device)
+
+
+def root_poly_features(rgb: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Degree-2 root-polynomial terms of RGB (Finlayson, Mackiewicz, Hurlbert 2015): r, g, b, sqrt(rg),
+    sqrt(gb), sqrt(rb), stacked along `dim` (3 channels in, 6 out, any layout). They scale linearly with
+    exposure, which is why a linear map of them is the classical RGB-to-spectrum baseline."""
+    r, g, b = rgb.clamp_min(0).unbind(dim)
+    # sqrt's gradient is infinite at 0; the features of a black pixel need none
+    root = [torch.sqrt((u * v).clamp_min(1e-12)) * (u * v > 0) for u, v in ((r, g), (g, b), (r, b))]
+    return torch.stack([r, g, b, *root], dim)
 
 
 # -----------------------------------------------------------------------------
@@ -341,6 +359,14 @@ class DyProMamba(nn.Module):
         self.dec = PromptSSM(cfg, c, hd)
         self.out = conv3(c, nb)                       # Eq. (8), Y^r
         self.h2r = nn.Sequential(conv3(nb, nb), nn.GELU(), conv3(nb, 3))  # M_H2R of L_P2I, training only
+        if cfg.output not in ("abs", "linear") or cfg.prior not in ("none", "rootpoly"):
+            raise ValueError(f"output must be abs or linear and prior none or rootpoly, got {cfg.output!r}, {cfg.prior!r}")
+        if cfg.prior == "rootpoly":
+            self.register_buffer("prior", torch.zeros(6, nb))  # set by train.py from the labelled pixels
+            nn.init.zeros_(self.out.weight)  # start at the prior: the network learns a correction
+            nn.init.zeros_(self.out.bias)
+        else:
+            self.prior = None
 
     def forward(self, rgb: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = rgb.shape[-2:]
@@ -353,8 +379,21 @@ class DyProMamba(nn.Module):
         e = self.enc(y4, p0)
         m = self.mid(self.down(e), p1)
         y5 = self.skip(torch.cat([self.up(m), e], 1))  # Eq. (8), Y5
-        hsi = self.out(self.dec(y5, p2))  # Eq. (8), Y^r
+        hsi = self.head(self.out(self.dec(y5, p2)), rgb)  # Eq. (8), Y^r
         return hsi[..., :h, :w], y3[..., :h, :w]
+
+    def head(self, y: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
+        """Y^r from the last conv's (b, 31, h, w) output: plus the root-polynomial prior M(X) when there is
+        one, then |.| unless cfg.output is the paper's "linear".
+
+        Why |.|: with a bare conv (the paper's form) trained networks flipped whole bands negative, a
+        minimum L_SSIM cannot see (SSIM(x, -x) = SSIM(x, x) up to C1, C2) that the clamp at evaluation
+        turns black. Spectra are non-negative; softplus makes them so but saturates, and measured runs
+        then parked bands at exactly 0 where no gradient reaches. |.| is non-negative, its gradient is
+        +-1 everywhere, and a band whose weights flipped sign still comes out right."""
+        if self.prior is not None:
+            y = y + torch.einsum("fn,bfhw->bnhw", self.prior, root_poly_features(rgb, dim=1))
+        return y.abs() if self.cfg.output == "abs" else y
 
 
 # -----------------------------------------------------------------------------
@@ -364,14 +403,15 @@ LOSS_WEIGHTS = {"phsi": 1.0, "rep": 1.0, "ssim": 0.3, "p2i": 0.3}  # Eq. (15): 1
 
 
 def pixel_ssr_loss(model: DyProMamba, rgb: torch.Tensor, hsi: torch.Tensor, y3: torch.Tensor,
-                   target: torch.Tensor, mask: torch.Tensor, srf: torch.Tensor
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   target: torch.Tensor, mask: torch.Tensor, srf: torch.Tensor,
+                   weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L = L_pHSI + 1.L_rep + 0.3.L_SSIM + 0.3.L_P2I, Eq. (14)-(15).
 
     rgb (b, 3, h, w); hsi = Y^r and y3 = Y3 (b, 31, h, w); target (b, 31, h, w), read only where
-    mask (b, 1, h, w, bool) is set; srf (3, 31). Returns (total, {term name: value}) so that
-    training can log every term.
+    mask (b, 1, h, w, bool) is set; srf (3, 31); weights: the four weights (default LOSS_WEIGHTS).
+    Returns (total, {term name: value}) so that training can log every term.
     """
+    weights = LOSS_WEIGHTS if weights is None else weights
     n_lab = mask.sum()
     if n_lab > 0:  # Eq. (14), L_pHSI: mean |Y^r - Y^p| over labelled pixels only
         l_phsi = ((hsi - target).abs() * mask).sum() / (n_lab * hsi.shape[1])
@@ -381,7 +421,7 @@ def pixel_ssr_loss(model: DyProMamba, rgb: torch.Tensor, hsi: torch.Tensor, y3: 
     l_ssim = 1 - _ssim(hsi[:, :-1], hsi[:, 1:]).mean()  # Eq. (14), L_SSIM over adjacent bands (i, i+1)
     l_p2i = (rgb - model.h2r(y3)).abs().mean()  # Eq. (14), L_P2I = |X - H2R(Y3)|
     terms = {"phsi": l_phsi, "rep": l_rep, "ssim": l_ssim, "p2i": l_p2i}
-    return sum(LOSS_WEIGHTS[k] * v for k, v in terms.items()), terms
+    return sum(weights[k] * v for k, v in terms.items()), terms
 
 
 # -----------------------------------------------------------------------------

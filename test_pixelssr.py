@@ -1388,3 +1388,149 @@ def test_learning_rate_decays_polynomially_to_zero():
     cfg = train.TrainConfig()
     assert train.get_lr(0, 100, cfg) == cfg.lr and train.get_lr(100, 100, cfg) == 0
     assert train.get_lr(50, 100, cfg) == pytest.approx(cfg.lr * 0.5**1.5)
+
+
+# ---- learning: the output layer, label-holding patches, the time budget, the band report, the prior ----
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), scale=st.floats(1e-3, 1e3))
+def test_output_layer_is_non_negative_and_its_gradient_never_vanishes(seed, scale):
+    """Guards against an output that can go negative (the inverted bands) or die (a saturating
+    softplus parked bands at exactly 0): |.| of any pre-activation is >= 0 with gradient +-1."""
+    m = _model()
+    y = (torch.randn(2, 31, 5, 6, generator=torch.Generator().manual_seed(seed)) * scale).requires_grad_()
+    out = m.head(y, torch.rand(2, 3, 5, 6))
+    assert (out >= 0).all()
+    (grad,) = torch.autograd.grad(out.sum(), y)
+    assert torch.equal(grad.abs(), torch.ones_like(grad))
+
+
+def _flip_band(m: P.DyProMamba, band: int) -> None:
+    with torch.no_grad():
+        m.out.weight[band].neg_()
+        m.out.bias[band].neg_()
+
+
+def test_a_band_whose_last_layer_flips_sign_comes_out_unchanged():
+    """Guards against the inverted bands of issue 10: with the paper's bare conv ("linear") a flipped band
+    leaves the loss's L_SSIM where it was (SSIM(x, -x) ~ SSIM(x, x)) and comes out negative; with the
+    default |.| output the flip is not a different solution at all."""
+    x = _inputs(1, 24, 24)
+    for output in ("abs", "linear"):
+        m = _model(dataclasses.replace(SMALL, output=output)).eval()
+        with torch.no_grad():
+            m.out.bias.fill_(0.3)  # a bright band, as real ones are
+            before = m(*x)[0]
+            _flip_band(m, 7)
+            after = m(*x)[0]
+        if output == "abs":
+            assert torch.equal(before, after)
+        else:
+            assert (after[:, 7] < 0).all() and torch.allclose(after[:, 7], -before[:, 7])
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(8, 40), w=st.integers(8, 40), p=st.integers(4, 16), ratio=st.floats(0.003, 0.05),
+       seed=st.integers(0, 2**31))
+def test_label_patches_each_hold_a_fixed_labelled_pixel(h, w, p, ratio, seed):
+    """Guards against label-holding patches that miss their label, leave the scene, or supervise with a
+    pixel outside the fixed label set: every sample holds >= 1 labelled pixel, all of the scene's set."""
+    labels = data.draw_label_set(h, w, ratio, seed)
+    ds = data.PatchDataset([(_data_coord_scene(h, w), labels)], patch=p, stride=4, around_labels=True)
+    g = torch.Generator().manual_seed(seed)
+    _, target, mask = ds.batch(list(range(len(ds))), g)
+    assert (mask.flatten(1).sum(1) >= 1).all()
+    fixed = {(int(r), int(c)) for r, c in labels}
+    for t, mk in zip(target, mask):
+        ys, xs = torch.nonzero(mk[0], as_tuple=True)
+        seen = {(round(float(t[0, y, x]) * 256) - 1, round(float(t[1, y, x]) * 256) - 1) for y, x in zip(ys, xs)}
+        assert seen <= fixed
+
+
+def test_label_patches_draw_every_position_that_holds_the_label():
+    """Guards against a biased draw (e.g. the label always at the patch's corner): with one label, the
+    patch's offset is uniform over the p x p positions that contain it."""
+    ds = data.PatchDataset([(np.zeros((30, 30, 31)), [[15, 14]])], patch=4, around_labels=True)
+    g = torch.Generator().manual_seed(0)
+    seen = [ds.around_label(0, g) for _ in range(800)]
+    assert set(seen) == {(t, l) for t in range(12, 16) for l in range(11, 15)}
+    counts = np.unique([t * 100 + l for t, l in seen], return_counts=True)[1]
+    assert counts.min() > 800 / 16 / 2  # each of the 16 drawn about 50 times
+
+
+def test_time_budget_schedule_ends_at_the_budget(monkeypatch):
+    """Guards against a --max-minutes schedule sized from the slow first steps (which stopped at 16 of 30
+    minutes): steps of 2 s then 1 s in a 100 s budget end the schedule at the ~97 steps that fit."""
+    clock = [0.0]
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    budget, step, total = train.Budget(100 / 60, sized=True), 0, 10**6
+    while step < total and not budget.out_of_time():
+        clock[0] += 2.0 if step < 3 else 1.0
+        step += 1
+        total = budget.total_steps(step, step, total)
+    assert total == step == 97 and clock[0] <= 100
+
+
+def test_warm_up_rises_linearly_then_the_decay_takes_over():
+    cfg = dataclasses.replace(train.TrainConfig(), warmup=10)
+    assert train.get_lr(0, 100, cfg) == pytest.approx(cfg.lr / 10)
+    assert train.get_lr(4, 100, cfg) == pytest.approx(cfg.lr / 2 * (1 - 0.04) ** 1.5)
+    assert train.get_lr(50, 100, cfg) == pytest.approx(cfg.lr * 0.5 ** 1.5)
+
+
+def test_exposure_augmentation_scales_rgb_and_spectra_together():
+    """Guards against scaling one side only (X = S.Y broken) or a factor outside [1/k, k]."""
+    hsi = torch.rand(64, 31, 4, 4)
+    rgb = data.rgb_from_hsi(hsi, "cie1964")
+    r2, h2 = train.augment_exposure(rgb, hsi, 2.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(r2, data.rgb_from_hsi(h2, "cie1964"), rtol=1e-5, atol=1e-6)
+    scale = (h2 / hsi).flatten(1)
+    assert torch.allclose(scale, scale[:, :1]) and scale.min() >= 0.5 - 1e-6 and scale.max() <= 2 + 1e-6
+    assert scale.std() > 0.1
+
+
+def test_band_warnings_name_an_inverted_and_an_outlying_band():
+    rmse = [0.04] * 31
+    rmse[20] = 0.09
+    mean = [0.2] * 31
+    mean[8] = -0.1
+    lines = train.band_warnings("sushi", {"band_rmse": rmse, "band_raw_mean": mean})
+    assert len(lines) == 2 and "band 20 (600 nm)" in lines[0] and "band 8 (480 nm)" in lines[1]
+    assert train.band_warnings("sushi", {"band_rmse": [0.04] * 31, "band_raw_mean": [0.2] * 31}) == []
+
+
+def test_eval_reports_raw_band_means_and_warns_of_an_inverted_band(tmp_path, capsys):
+    """Guards against a report that hides a dead band: eval of a run whose band 8 was flipped (paper's
+    linear output) writes the raw per-band mean, negative there, and prints a warning naming it."""
+    root = _demo_dir(tmp_path)
+    run = tmp_path / "run"
+    assert train.main(["fit", "--data", str(root), "--out", str(run), "--epochs", "1", "--label-ratio", "0.01",
+                       "--test-scenes", "demo_02", "--output", "linear", *FAST]) == 0
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    ckpt["model"]["out.weight"][8] = 0
+    ckpt["model"]["out.bias"][8] = -0.2
+    torch.save(ckpt, run / "last.pt")
+    assert train.main(["eval", "--ckpt", str(run / "last.pt"), "--out", str(tmp_path / "ev"), "--seeds", "1"]) == 0
+    bands = json.loads((tmp_path / "ev" / "metrics.json").read_text())["scenes"]["demo_02"]["bands"]
+    assert bands["band_raw_mean"][8] == pytest.approx(-0.2, abs=1e-6)
+    assert len(bands["band_rmse"]) == len(bands["true_mean"]) == 31
+    assert "demo_02: band 8 (480 nm) has a negative raw mean" in capsys.readouterr().out
+
+
+def test_rootpoly_prior_starts_at_the_baseline_fitted_on_the_runs_labels(tmp_path):
+    """Guards against a prior fitted on other pixels than the run's labels, or one that the network does
+    not start from: a fresh model with --prior rootpoly outputs |M(X)|, M = fit_root_poly(labels)."""
+    root = _demo_dir(tmp_path)
+    run = tmp_path / "run"
+    assert train.main(["fit", "--data", str(root), "--out", str(run), "--epochs", "1", "--label-ratio", "0.01",
+                       "--test-scenes", "demo_02", "--prior", "rootpoly", "--lr", "1e-12", *FAST]) == 0
+    ckpt = train.load_checkpoint(str(run / "last.pt"))
+    lab = ckpt["labels"].values()
+    expected = train.fit_root_poly(torch.cat([v["rgb"] for v in lab]).numpy(), torch.cat([v["spectra"] for v in lab]).numpy())
+    np.testing.assert_allclose(ckpt["model"]["prior"].numpy(), expected, rtol=1e-5, atol=1e-6)
+    model = train.build_model(ckpt, torch.device("cpu"))
+    rgb = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        out = model(rgb, torch.zeros(1, 31, 16, 16))[0]
+    base = torch.from_numpy(train.root_poly_features(rgb[0].permute(1, 2, 0).reshape(-1, 3).numpy()) @ expected)
+    torch.testing.assert_close(out[0].permute(1, 2, 0).reshape(-1, 31), base.float().abs(), rtol=1e-3, atol=1e-4)

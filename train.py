@@ -52,6 +52,11 @@ class TrainConfig:
     srf: str = "cie1964"            # S: RGB = S.Y (NTIRE 2020 "clean" convention)
     points: str = "gamma"           # input point spectra: gamma, gaussian or zeros (Table 3 ablation)
     val_seeds: int = 1              # Gamma draws per validation scene
+    val_every: int = 0              # > 0: also validate every this many steps (a learning curve in log.jsonl)
+    label_patches: bool = True      # cut each patch around one of its scene's fixed labels (paper: one per patch)
+    loss_weights: str = "phsi=1,rep=1,ssim=0.3,p2i=0.3"  # Eq. (15): 1, beta1, beta2, beta3
+    warmup: int = 0                 # linear lr warm-up steps (the paper has none)
+    exposure: float = 1.0           # > 1: scale each sample's RGB and spectra by a factor in [1/k, k]
 
 
 # -----------------------------------------------------------------------------
@@ -76,8 +81,10 @@ def seeded(*keys: int) -> torch.Generator:
 
 
 def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
-    """Polynomial decay from cfg.lr to zero with power cfg.lr_power (paper Sec. 4.1)."""
-    return cfg.lr * (1 - min(step, total_steps) / total_steps) ** cfg.lr_power
+    """Polynomial decay from cfg.lr to zero with power cfg.lr_power (paper Sec. 4.1), after a linear
+    warm-up over the first cfg.warmup steps (none in the paper)."""
+    warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else 1.0
+    return warm * cfg.lr * (1 - min(step, total_steps) / total_steps) ** cfg.lr_power
 
 
 def save_atomic(obj: dict, path: Path) -> None:
@@ -166,21 +173,39 @@ def metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     return {k: float(f(pred, target)) for k, f in fns.items()}
 
 
+def band_stats(raw: torch.Tensor, target: torch.Tensor) -> dict[str, list[float]]:
+    """Per band of one (31, H, W) image: the RMSE of the clamped output and the mean of the raw one.
+    A mean PSNR hides a dead or inverted band; these do not."""
+    raw, target = raw.double().cpu(), target.double().cpu()
+    return {"band_rmse": ((raw.clamp(0, 1) - target) ** 2).mean((1, 2)).sqrt().tolist(),
+            "band_raw_mean": raw.mean((1, 2)).tolist()}
+
+
+def band_warnings(name: str, bands: dict[str, list[float]]) -> list[str]:
+    """The bands of a scene that look broken: RMSE over twice the median band's, or a negative raw mean."""
+    rmse, mean = np.array(bands["band_rmse"]), np.array(bands["band_raw_mean"])
+    nm = data.WAVELENGTHS
+    bad = [f"band {i} ({nm[i]} nm) RMSE {rmse[i]:.4f} is {rmse[i] / np.median(rmse):.1f}x the median band's"
+           for i in np.flatnonzero(rmse > 2 * np.median(rmse))]
+    bad += [f"band {i} ({nm[i]} nm) has a negative raw mean {mean[i]:.4f}" for i in np.flatnonzero(mean < 0)]
+    return [f"warning: {name}: {b}" for b in bad]
+
+
 def eval_scene(model, hsi: np.ndarray, srf: torch.Tensor, ratio: float, gamma: tuple[float, float],
-               points: str, seed: int, tile: int = 0) -> tuple[torch.Tensor, dict]:
-    """Reconstruct one scene from its RGB and a seeded point cube; return (pred (31, H, W), metrics)."""
+               points: str, seed: int, tile: int = 0) -> tuple[torch.Tensor, dict, dict]:
+    """Reconstruct one scene from its RGB and a seeded point cube; return (pred (31, H, W) clamped to
+    [0, 1] as the metrics see it, metrics, band_stats of the raw output)."""
     target = torch.from_numpy(hsi).permute(2, 0, 1)  # (31, H, W)
     rgb = data.rgb_from_hsi(target[None], srf)[0]
     pts = P.sample_points((1, *target.shape), ratio, *gamma, generator=seeded(seed), dist=points)[0]
-    pred = reconstruct(model, rgb, pts, tile).clamp(0, 1).cpu()
-    return pred, metrics(pred, target)
+    raw = reconstruct(model, rgb, pts, tile).cpu()
+    pred = raw.clamp(0, 1)
+    return pred, metrics(pred, target), band_stats(raw, target)
 
 
 def root_poly_features(rgb: np.ndarray) -> np.ndarray:
-    """Degree-2 root-polynomial terms (Finlayson et al. 2015): r, g, b, sqrt(rg), sqrt(gb), sqrt(rb).
-    They scale linearly with exposure, which is why this regression is the classical baseline."""
-    r, g, b = np.clip(rgb, 0, None).T
-    return np.stack([r, g, b, np.sqrt(r * g), np.sqrt(g * b), np.sqrt(r * b)], 1)
+    """(k, 3) RGB -> (k, 6) root-polynomial terms, pixelssr.root_poly_features on numpy rows."""
+    return P.root_poly_features(torch.from_numpy(np.asarray(rgb)), dim=-1).numpy()
 
 
 def fit_root_poly(rgb: np.ndarray, spectra: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
@@ -212,6 +237,74 @@ def gamma_params(labels: dict, scenes: dict[str, np.ndarray], srf: torch.Tensor)
     return P.fit_gamma(rgb)
 
 
+def parse_weights(text: str) -> dict[str, float]:
+    """'phsi=1,rep=1,ssim=0.3,p2i=0.3' -> the loss weights of Eq. (15); terms not named keep the paper's."""
+    weights = dict(P.LOSS_WEIGHTS)
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name.strip() not in weights:
+            raise ValueError(f"--loss-weights: unknown term {name.strip()!r}; the terms are {', '.join(weights)}")
+        weights[name.strip()] = float(value)
+    return weights
+
+
+def augment_exposure(rgb: torch.Tensor, target: torch.Tensor, k: float, g: torch.Generator):
+    """Scale each sample's RGB and spectra by one factor, log-uniform in [1/k, k]: the same surface under
+    more or less light. X = S.Y is linear, so the pair stays consistent; it teaches the exposure
+    invariance the root-polynomial regression has by construction. k = 1 changes nothing."""
+    if k == 1:
+        return rgb, target
+    scale = torch.exp((2 * torch.rand(rgb.shape[0], 1, 1, 1, generator=g) - 1) * math.log(k))
+    return rgb * scale.to(rgb.device), target * scale.to(target.device)
+
+
+class Budget:
+    """Sizes a --max-minutes run's schedule to its budget: after the first steps (which are slow: the
+    allocator and caches warm up) the steps that still fit are re-estimated from the mean step time so
+    far, every step, so the learning rate reaches zero as the time runs out."""
+
+    def __init__(self, minutes: float, sized: bool, skip: int = 3):
+        self.seconds, self.sized, self.skip = minutes * 60, sized, skip
+        self.t0, self.t_skip = time.time(), None
+
+    def total_steps(self, step: int, steps_done: int, total: int) -> int:
+        """steps_done counts the steps of this session; returns the new schedule length."""
+        if not self.sized or steps_done < self.skip:
+            return total
+        now = time.time()
+        if self.t_skip is None:  # first estimate from the first steps, later ones from the steady state
+            self.t_skip, rate = now, (now - self.t0) / steps_done
+        else:
+            rate = (now - self.t_skip) / max(1, steps_done - self.skip)
+        return step + max(0, int((self.seconds - (now - self.t0)) / rate))  # step: no time left, the run ends
+
+    def out_of_time(self) -> bool:
+        return self.seconds > 0 and time.time() - self.t0 > self.seconds
+
+
+def train_step(model, optimizer, batch, points, srf, lr: float, weights: dict) -> tuple[torch.Tensor, dict]:
+    """One Adam step on one batch; returns the loss and its terms (Eq. 15)."""
+    rgb, target, mask = batch
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    hsi, y3 = model(rgb, points)
+    loss, terms = P.pixel_ssr_loss(model, rgb, hsi, y3, target, mask, srf, weights)
+    if not torch.isfinite(loss):
+        return loss, terms
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, terms
+
+
+def validate(model, val_scenes: dict, srf: torch.Tensor, cfg: "TrainConfig", gamma, points: str) -> float:
+    """Mean whole-image PSNR over the validation scenes and cfg.val_seeds Gamma draws each."""
+    model.eval()
+    return float(np.mean([eval_scene(model, h, srf, cfg.label_ratio, gamma, points, s)[1]["psnr"]
+                          for h in val_scenes.values() for s in range(cfg.val_seeds)]))
+
+
 def fit(args) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,7 +317,8 @@ def fit(args) -> Path:
         split, args.data = ckpt["split"], ckpt["data"]
     else:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-        mcfg = P.Config(points=cfg.points)
+        parse_weights(cfg.loss_weights)  # a typo stops the run here, not after the data is read
+        mcfg = P.Config(points=cfg.points, output=args.output, prior=args.prior)
         train, val, test = data.split_scenes(scene_names(args.data), args.test_scenes, args.val_scenes)
         split = {"train": train, "val": val, "test": test}
     if not split["train"]:
@@ -239,17 +333,19 @@ def fit(args) -> Path:
         gamma = gamma_params(labels, train_scenes, srf)
 
     dataset = data.PatchDataset([(train_scenes[n], labels[n]["coords"].numpy()) for n in split["train"]],
-                                srf.numpy(), patch=cfg.patch, stride=cfg.stride)
+                                srf.numpy(), patch=cfg.patch, stride=cfg.stride, around_labels=cfg.label_patches)
     steps_per_epoch = max(1, len(dataset) // cfg.batch_size)
     torch.manual_seed(cfg.seed)
     model = P.DyProMamba(mcfg).to(device)
+    if model.prior is not None and ckpt is None:
+        model.prior.copy_(torch.from_numpy(root_poly_prior(labels)))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8)
     step, best, total_steps = 0, -math.inf, cfg.epochs * steps_per_epoch
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best, total_steps = ckpt["step"], ckpt["best_psnr"], ckpt["total_steps"]
-    srf_dev = srf.to(device)
+    srf_dev, weights = srf.to(device), parse_weights(cfg.loss_weights)
 
     def checkpoint(path: Path) -> None:
         save_atomic({"model_config": dataclasses.asdict(mcfg), "train_config": dataclasses.asdict(cfg),
@@ -264,46 +360,39 @@ def fit(args) -> Path:
         lines = (out / "log.jsonl").read_text().splitlines(keepends=True)
         (out / "log.jsonl").write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
     log = open(out / "log.jsonl", "a")
-    t0 = time.time()
-    budget = cfg.max_minutes * 60
-    timed_schedule = cfg.max_minutes > 0 and not args.epochs_given and ckpt is None
+    budget = Budget(cfg.max_minutes, sized=cfg.max_minutes > 0 and not args.epochs_given and ckpt is None)
     pbar = tqdm(total=total_steps, initial=step, dynamic_ncols=True)
+    first = step
     while step < total_steps:
         epoch, i = divmod(step, steps_per_epoch)
         order = torch.randperm(len(dataset), generator=seeded(cfg.seed, epoch))
         g = seeded(cfg.seed, epoch, i)
-        rgb, target, mask = (t.to(device) for t in dataset.batch(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], g))
+        rgb, target, mask = dataset.batch(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], g)
+        rgb, target = augment_exposure(rgb, target, cfg.exposure, g)
+        batch = tuple(t.to(device) for t in (rgb, target, mask))
         points = P.sample_points(target.shape, cfg.label_ratio, *gamma, generator=g, dist=mcfg.points, device=device)
         lr = get_lr(step, total_steps, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        hsi, y3 = model(rgb, points)
-        loss, terms = P.pixel_ssr_loss(model, rgb, hsi, y3, target, mask, srf_dev)
+        loss, terms = train_step(model, optimizer, batch, points, srf_dev, lr, weights)
         if not torch.isfinite(loss):
             raise data.SceneError(f"{out}: the loss became {loss.item()} at step {step}; "
                                   f"{out / 'last.pt'} holds the last good state.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
         step += 1
+        total_steps = budget.total_steps(step, step - first, total_steps)
+        pbar.total = total_steps
         pbar.update(1)
         pbar.set_postfix({k: f"{v.item():.4f}" for k, v in terms.items()} | {"lr": f"{lr:.2e}"})
         log.write(json.dumps({"step": step, "epoch": epoch, "lr": lr, "loss": loss.item(),
                               **{k: v.item() for k, v in terms.items()}}) + "\n")
-        if timed_schedule and step == 3:  # the first steps tell how many fit in the time budget
-            total_steps = max(step + 1, int(budget / ((time.time() - t0) / step)))
-            pbar.total = total_steps
-        out_of_time = budget > 0 and time.time() - t0 > budget
-        if step % steps_per_epoch == 0 or step == total_steps or out_of_time:
-            if val_scenes:
-                model.eval()
-                psnr = float(np.mean([eval_scene(model, h, srf, cfg.label_ratio, gamma, mcfg.points, s)[1]["psnr"]
-                                for h in val_scenes.values() for s in range(cfg.val_seeds)]))
-                log.write(json.dumps({"step": step, "val_psnr": psnr}) + "\n")
-                if psnr > best:
-                    best = psnr
-                    checkpoint(out / "best.pt")
+        out_of_time = budget.out_of_time()
+        end_of_epoch = step % steps_per_epoch == 0 or step == total_steps or out_of_time
+        if val_scenes and (end_of_epoch or (cfg.val_every and step % cfg.val_every == 0)):
+            psnr = validate(model, val_scenes, srf, cfg, gamma, mcfg.points)
+            log.write(json.dumps({"step": step, "val_psnr": psnr}) + "\n")
+            log.flush()
+            if psnr > best:
+                best = psnr
+                checkpoint(out / "best.pt")
+        if end_of_epoch:
             checkpoint(out / "last.pt")
         if out_of_time:
             print(f"\nstopped after {cfg.max_minutes} minutes at step {step}/{total_steps}; "
@@ -312,6 +401,15 @@ def fit(args) -> Path:
     pbar.close()
     log.close()
     return out / ("best.pt" if val_scenes else "last.pt")
+
+
+def root_poly_prior(labels: dict) -> np.ndarray:
+    """The (6, 31) root-polynomial map of --prior rootpoly, fitted on the run's labelled pixels (all scenes)."""
+    rgb = torch.cat([v["rgb"] for v in labels.values()]).numpy()
+    spectra = torch.cat([v["spectra"] for v in labels.values()]).numpy()
+    if len(rgb) < 6:
+        raise data.SceneError(f"--prior rootpoly needs at least 6 labelled pixels to fit its 6 terms, the run has {len(rgb)}.")
+    return fit_root_poly(rgb, spectra).astype(np.float32)
 
 
 # -----------------------------------------------------------------------------
@@ -375,24 +473,32 @@ def evaluate(args) -> dict:
               "labelled_pixels": int(len(lab_rgb)), "seeds": list(range(args.seeds)),
               "psnr_convention": "psnr: 10 log10(1/MSE) over the whole cube per image; psnr_bandwise: mean of per-band PSNR",
               "overall_convention": "per seed the mean over scenes; then mean and std over seeds",
+              "bands_convention": "per scene, mean over seeds: band_rmse of the output clamped to [0, 1], "
+                                  "band_raw_mean of the raw (unclamped) output, true_mean of the truth",
               "scenes": {}}
     by_scene, baseline_all = [], []
     for name, hsi in load_scenes(args.data, names).items():
         target = torch.from_numpy(hsi).permute(2, 0, 1)
         runs = [eval_scene(model, hsi, srf, cfg.label_ratio, gamma, points, s, args.tile) for s in range(args.seeds)]
         write_outputs(out / name, runs[0][0], srf, target)
-        entry = summarise([m for _, m in runs])
+        entry = summarise([m for _, m, _ in runs])
+        print(f"{name}: " + ", ".join(f"{k} {v['mean']:.4f}±{v['std']:.4f}" for k, v in entry.items()))
+        # per band, mean over the seeds
+        entry["bands"] = {k: np.mean([b[k] for _, _, b in runs], 0).tolist() for k in runs[0][2]}
+        entry["bands"]["true_mean"] = target.double().mean((1, 2)).tolist()
+        for line in band_warnings(name, entry["bands"]):
+            print(line)
         if rp is not None:
             rgb = data.rgb_from_hsi(hsi, srf.numpy()).reshape(-1, 3)
             base = torch.from_numpy((root_poly_features(rgb) @ rp).reshape(hsi.shape)).permute(2, 0, 1).float()
             entry["root_poly_baseline"] = metrics(base.clamp(0, 1), target)
             baseline_all.append(entry["root_poly_baseline"])
+            entry["root_poly_baseline"]["bands"] = band_stats(base, target)
         report["scenes"][name] = entry
-        by_scene.append([m for _, m in runs])
-        print(f"{name}: " + ", ".join(f"{k} {v['mean']:.4f}±{v['std']:.4f}" for k, v in entry.items() if k != "root_poly_baseline"))
+        by_scene.append([m for _, m, _ in runs])
     report["overall"] = summarise_over_seeds(by_scene)
     if baseline_all:
-        report["root_poly_baseline"] = summarise(baseline_all)
+        report["root_poly_baseline"] = summarise([{k: v for k, v in b.items() if k != "bands"} for b in baseline_all])
     with open(out / "metrics.json", "w") as f:
         json.dump(report, f, indent=2)
     print("overall: " + ", ".join(f"{k} {v['mean']:.4f}±{v['std']:.4f}" for k, v in report["overall"].items()))
@@ -443,6 +549,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         f.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name))
     f.add_argument("--srf", default=d.srf, help="spectral response: cie1964, cie1931, nikon_d700, canon_5dmarkii")
     f.add_argument("--points", default=d.points, choices=["gamma", "gaussian", "zeros"])
+    for name in ("val_every", "warmup"):
+        f.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    f.add_argument("--exposure", type=float, default=d.exposure, help="exposure augmentation factor k >= 1")
+    f.add_argument("--loss-weights", default=d.loss_weights, help="Eq. (15) weights, e.g. phsi=1,rep=1,ssim=0.3,p2i=0.3")
+    f.add_argument("--label-patches", action=argparse.BooleanOptionalAction, default=d.label_patches,
+                   help="cut each training patch around a labelled pixel (the label set stays fixed)")
+    f.add_argument("--output", default=P.Config.output, choices=["abs", "linear"],
+                   help="output layer: abs (non-negative, default) or linear (the paper's bare conv)")
+    f.add_argument("--prior", default=P.Config.prior, choices=["none", "rootpoly"],
+                   help="rootpoly: learn a correction to the root-polynomial map of the labels (beyond the paper)")
     e = sub.add_parser("eval", help="full-image metrics on test scenes")
     e.add_argument("--ckpt", required=True)
     e.add_argument("--data", default=None, help="default: the run's own data folder (or the demo scenes)")
