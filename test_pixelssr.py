@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import json
 import math
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -220,9 +221,13 @@ def test_frft_has_period_four(n, a, dtype, is_complex, seed):
     assert _frft_err(frft.frft(x, a + 4), frft.frft(x, a)) < _FRFT_TOL[dtype]
 
 
-def test_frft_float32_keeps_full_precision_at_large_orders():
-    x = _frft_signal(0, 64, torch.float32, True)
-    assert _frft_err(frft.frft(x, 4000.5), frft.frft(x.to(torch.complex128), 0.5)) < _FRFT_TOL[torch.float32]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_frft_keeps_full_precision_at_orders_in_the_millions(dtype):
+    """F^(4e6 + 1/2) = F^(1/2) to the dtype's full precision. Guards against the phase a·k not reduced mod 4
+    in float64 before the exponential: unreduced, π/2·a·k reaches 4e8 at N = 64 and its float64 rounding
+    (~5e-8) is far above float64's 1e-12 (float32 sees a phase formed in float32)."""
+    x = _frft_signal(0, 64, dtype, True)
+    assert _frft_err(frft.frft(x, 4_000_000.5), frft.frft(x.to(torch.complex128), 0.5)) < _FRFT_TOL[dtype]
 
 
 @_frft_settings
@@ -774,9 +779,13 @@ def test_fit_gamma_refuses_empty_negative_or_degenerate_data(bad):
 @settings(max_examples=30, deadline=None)
 @given(b=st.integers(1, 3), h=st.integers(1, 40), w=st.integers(1, 40),
        ratio=st.sampled_from([0.0, 1e-4, 1e-3, 0.01, 0.1, 0.5, 1.0]), seed=st.integers(0, 1000))
+@example(b=1, h=29, w=100, ratio=0.01, seed=0)  # 0.01 * 29 * 100 = 28.999999999999996 in floating point
+@example(b=2, h=58, w=50, ratio=0.01, seed=0)   # the one such size up to 64 x 64 at the usual ratios
 def test_sample_points_places_exactly_the_promised_number_of_non_negative_spectra(b, h, w, ratio, seed):
+    """max(1, floor(omega.H.W)) points (the 0.01 % count for omega = 0), counted here in exact decimal
+    arithmetic. Guards against the count one short where omega.H.W rounds just below an integer."""
     pts = P.sample_points((b, 31, h, w), ratio, 2.0, 0.1, generator=torch.Generator().manual_seed(seed))
-    k = max(1, math.floor((ratio if ratio > 0 else 1e-4) * h * w + 1e-9))
+    k = max(1, math.floor(Fraction(str(ratio if ratio > 0 else 1e-4)) * h * w))
     assert (pts.abs().sum(1) > 0).sum((1, 2)).tolist() == [k] * b  # Gamma draws are a.s. positive
     assert (pts >= 0).all()
 
@@ -1120,7 +1129,11 @@ def test_data_demo_scenes_deterministic():
 
 
 @given(st.integers(1, 64), st.integers(1, 64), st.integers(0, 10000))
+@example(29, 100, 100)  # 0.01 * 29 * 100 = 28.999999999999996 in floating point
+@example(58, 50, 100)   # the one such size up to 64 x 64 at omega = 0.01
 def test_label_set_has_max_1_floor_ratio_hw_pixels(h, w, permyriad):
+    """Counted in integers. Guards against the label count one short where omega.H.W rounds just below an
+    integer in floating point."""
     expected = 0 if permyriad == 0 else max(1, permyriad * h * w // 10000)
     assert len(data.draw_label_set(h, w, permyriad / 10000, seed=0)) == expected
 
