@@ -647,6 +647,53 @@ def test_model_is_deterministic_given_the_seed():
     assert torch.equal(a, b)
 
 
+@MODEL_SETTINGS
+@given(heads=st.sampled_from([1, 2, 4]), h=st.integers(1, 6), w=st.integers(1, 6), prompted=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_spectral_attention_is_eq9_prompt_times_attention_times_values(heads, h, w, prompted, seed):
+    """Eq. (9) in MST's channel-first layout: F3 = proj((P_spe @ A) @ V), A = softmax(sigma . k^ q^T) per head,
+    q^ and k^ L2-normalised over pixels, computed here with einsum in float64 from the module's own Q, K, V
+    (channels 3i, 3i+1, 3i+2 of its depthwise conv), heads with different temperatures. Guards against the
+    prompt multiplied on the wrong side of the attention map (A @ P_spe), and against the heads' channels,
+    the normalisation or the softmax axis mixed up."""
+    torch.manual_seed(seed)
+    width, b = 8, 2
+    sa = P.SpectralAttention(width, heads).double()
+    with torch.no_grad():
+        sa.sigma.copy_(0.5 + 4 * torch.rand(heads, 1, 1))
+    x = torch.randn(b, width, h, w, dtype=torch.float64)
+    d = width // heads
+    p_spe = torch.softmax(2 * torch.randn(b, heads, d, d, dtype=torch.float64), -1)  # row-stochastic, as P_spe is
+    qkv = sa.qkv(sa.linear(x)).flatten(2)                                             # (b, 3 width, L)
+    q, k, v = (qkv[:, j::3].unflatten(1, (heads, d)) for j in range(3))               # (b, heads, d, L)
+    q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+    attn = torch.softmax(sa.sigma * torch.einsum("bhil,bhjl->bhij", k, q), dim=-1)
+    mix = torch.einsum("bhij,bhjk->bhik", p_spe, attn) if prompted else attn
+    f3 = torch.einsum("bhik,bhkl->bhil", mix, v).reshape(b, width, h, w)
+    expected = torch.nn.functional.conv2d(f3, sa.proj.weight, sa.proj.bias)
+    _assert_close(sa(x, p_spe if prompted else None), expected, 1e-12)
+
+
+@MODEL_SETTINGS
+@given(h=st.integers(1, 9), w=st.integers(1, 9), seed=st.integers(0, 1000))
+def test_spa_hf_branch_is_fed_f1_minus_its_2x2_block_mean(h, w, seed):
+    """Eq. (5): P_hf = conv3(gelu(conv3(F1 - F2))), F2 = up2(avgpool2(F1)): what enters the branch is F1
+    less the mean of its 2x2 block, computed here by reshaping F1 (odd sizes are padded to even before the
+    DRPN). Guards against the Spa-HF branch fed F1 itself (or F2, or a shifted F2)."""
+    m = _model(seed=seed).double()
+    seen = {}
+    m.drpn.f1.register_forward_hook(lambda mod, inp, out: seen.__setitem__("f1", out))
+    m.drpn.hf.register_forward_pre_hook(lambda mod, inp: seen.__setitem__("hf_in", inp[0]))
+    with torch.no_grad():
+        m(*(t.double() for t in _inputs(2, h, w, seed)))
+    f1 = seen["f1"]
+    b, c, hh, ww = f1.shape
+    blocks = f1.reshape(b, c, hh // 2, 2, ww // 2, 2)
+    expected = (blocks - blocks.mean((3, 5), keepdim=True)).reshape(b, c, hh, ww)
+    _assert_close(seen["hf_in"], expected, 1e-12)
+    assert expected.abs().max() > 1e-3 * f1.abs().max()  # the residual is not vanishingly small
+
+
 # every configuration the ablations build: nothing is built that the forward pass does not use
 CONFIGS = {"full": SMALL, "fft": dataclasses.replace(SMALL, spa_transform="fft"),
            "no_spatial_prompts": dataclasses.replace(SMALL, use_spa=False, use_hf=False),
@@ -691,13 +738,29 @@ def _loss_inputs(seed: int = 0):
 
 
 @pytest.mark.parametrize("term,wrt", [("phsi", "hsi"), ("rep", "hsi"), ("ssim", "hsi"), ("p2i", "y3")])
-def test_each_loss_term_alone_carries_gradient_to_the_output(term, wrt):
-    m = _model()
+def test_each_loss_term_alone_has_the_gradient_of_its_value(term, wrt):
+    """In float64, each term's autograd gradient along a random direction equals the central finite
+    difference of the term's value, and that derivative is far from zero. Guards against a detached term,
+    and against a term that is identically zero (e.g. L_SSIM comparing each band with itself): its gradient
+    is rounding noise (2.9e-7) that `gradient sum > 0` accepts, but its value does not move."""
+    m = _model().double()
     hsi, y3, rgb, target, mask, srf = _loss_inputs()
-    _, terms = P.pixel_ssr_loss(m, rgb, hsi, y3, target, mask, srf)
-    assert terms[term].requires_grad, f"{term} is detached"
-    (grad,) = torch.autograd.grad(terms[term], {"hsi": hsi, "y3": y3}[wrt])
-    assert grad.abs().sum() > 0
+    leaves = {"hsi": hsi.detach().double().requires_grad_(), "y3": y3.detach().double().requires_grad_()}
+    rgb, target, srf = rgb.double(), target.double(), srf.double()
+
+    def value(**out):
+        return P.pixel_ssr_loss(m, rgb, out["hsi"], out["y3"], target, mask, srf)[1][term]
+
+    t = value(**leaves)
+    assert t.requires_grad, f"{term} is detached"
+    (grad,) = torch.autograd.grad(t, leaves[wrt])
+    v = torch.randn(grad.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    eps = 1e-6
+    with torch.no_grad():
+        moved = [value(**{**leaves, wrt: leaves[wrt] + s * eps * v}).item() for s in (1, -1)]
+    slope = (moved[0] - moved[1]) / (2 * eps)
+    assert abs(slope) > 1e-5, f"{term} hardly depends on {wrt}: slope {slope:.3g}"
+    assert (grad * v).sum().item() == pytest.approx(slope, rel=1e-6)
 
 
 def test_rep_loss_is_the_mean_abs_rgb_error_of_the_projected_hsi():
@@ -753,22 +816,78 @@ def test_phsi_reads_only_labelled_pixels():
     assert before["phsi"].item() == pytest.approx(expected.item())
 
 
-# one switch at a time: (config change, the submodule that must disappear)
+class _FirstChannels(torch.nn.Module):
+    """Stands in for a fusing conv3(cat(Y, P)): passes Y (the first `n` channels) through, drops the prompt."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :self.n]
+
+
+class _IdentityPrompt(torch.nn.Module):
+    """Stands in for a SpectralPrompt: P_spe = I, so that P_spe @ A = A, the unprompted attention."""
+
+    def __init__(self, prompt: P.SpectralPrompt):
+        super().__init__()
+        self.heads, self.d = prompt.heads, prompt.qk.out_channels // 2 // prompt.heads
+
+    def forward(self, y3: torch.Tensor) -> torch.Tensor:
+        return torch.eye(self.d, dtype=y3.dtype).expand(y3.shape[0], self.heads, self.d, self.d)
+
+
+class _NoAttention(torch.nn.Module):
+    """Stands in for a PromptSSM's attention sub-layer: adds nothing to the residual stream."""
+
+    def forward(self, x: torch.Tensor, p_spe) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def _bypass(m: P.DyProMamba, switch: str) -> None:
+    """Neutralise one branch of a full model in place, by swapping modules, not through the code paths the
+    switch itself takes: the model then computes what the ablation claims to compute."""
+    if switch == "use_spa":
+        m.drpn.y2 = _FirstChannels(m.cfg.bands)                    # Y2 = Y1
+    elif switch == "use_hf":
+        m.drpn.y3 = _FirstChannels(m.cfg.bands)                    # Y3 = Y2
+    elif switch == "use_spe":
+        m.drpn.spe = torch.nn.ModuleList(_IdentityPrompt(p) for p in m.drpn.spe)
+    else:
+        for block in (m.enc, m.mid, m.dec):
+            block.attn = _NoAttention()
+
+
+# one switch at a time: (config change, the parameters that must disappear with it)
 ABLATIONS = {
-    "use_spa": lambda m: m.drpn.spa,
-    "use_hf": lambda m: m.drpn.hf,
-    "use_spe": lambda m: m.drpn.spe,
-    "use_prompt_ssm": lambda m: m.enc.attn,
+    "use_spa": ("drpn.spa.", "drpn.y2."),
+    "use_hf": ("drpn.hf.", "drpn.y3."),
+    "use_spe": ("drpn.spe.",),
+    "use_prompt_ssm": ("drpn.spe.", *(f"{blk}.{sub}." for blk in ("enc", "mid", "dec") for sub in ("attn", "norm1"))),
 }
 
 
 @pytest.mark.parametrize("switch", ABLATIONS)
-def test_each_ablation_switch_removes_its_branch(switch):
+def test_each_ablation_switch_removes_its_branch_and_nothing_else(switch):
+    """The cut model holds exactly the full model's parameters less its branch's; given the full model's
+    weights it computes what the full model computes with that branch bypassed (a fusing conv replaced by
+    a pass-through of Y, P_spe by the identity, the attention sub-layer by zero); and the branch did
+    matter. (Comparing a full and a cut model as initialised says nothing: their initialisations differ.)
+    Guards against a switch that also cuts or rewires another branch (e.g. the Spa-HF step nested under
+    `if self.spa`), and against branch parameters built but unused."""
     full, cut = _model(), _model(dataclasses.replace(SMALL, **{switch: False}))
-    assert ABLATIONS[switch](full) is not None and ABLATIONS[switch](cut) is None
-    assert _n_params(cut) < _n_params(full)
-    x = _inputs(1, 12, 12)
-    assert not torch.allclose(full(*x)[0], cut(*x)[0])
+    full_sd, cut_sd = full.state_dict(), cut.state_dict()
+    gone = {k for k in full_sd if k.startswith(ABLATIONS[switch])}
+    assert gone and set(cut_sd) == set(full_sd) - gone
+    cut.load_state_dict({k: full_sd[k] for k in cut_sd})
+    bypassed = copy.deepcopy(full)
+    _bypass(bypassed, switch)
+    x = _inputs(2, 12, 10)
+    with torch.no_grad():
+        out_full, out_bypassed, out_cut = full(*x)[0], bypassed(*x)[0], cut(*x)[0]
+    _assert_close(out_cut, out_bypassed, 1e-6)
+    assert (out_full - out_bypassed).abs().max() > 1e-3 * out_full.abs().max()
 
 
 def test_fft_ablation_drops_only_the_learnable_order():
