@@ -1431,14 +1431,77 @@ def test_label_sets_are_fixed_counted_and_drawn_only_from_training_scenes(tmp_pa
     assert (out / "best.pt").is_file()  # validation scenes choose best.pt
 
 
-def test_unsupervised_mode_has_no_labels_and_fits_gamma_to_the_rgb(tmp_path):
+def _coded_demo_dir(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
+    """Three 48 x 48 demo scenes whose bands 0, 1 and 2 say which pixel a spectrum came from: (row + 1) / 256,
+    (col + 1) / 256 and (scene + 1) / 16, exact in float32, so that a labelled spectrum names its origin after
+    any crop, flip or rotation."""
+    cubes = {}
+    for i, (name, cube) in enumerate(data.demo_scenes(n=3, size=64)):
+        cube = cube[:48, :48].copy()
+        cube[..., 0] = (np.arange(48)[:, None] + 1) / 256
+        cube[..., 1] = (np.arange(48)[None, :] + 1) / 256
+        cube[..., 2] = (i + 1) / 16
+        cubes[name] = cube
+    return _scene_dir(tmp_path, cubes), cubes
+
+
+def _loss_input_spy(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Records (rgb, target, mask) of every call of P.pixel_ssr_loss, passing the call through unchanged."""
+    calls, real_loss = [], P.pixel_ssr_loss
+
+    def spy(*a, **k):
+        calls.append(tuple(t.detach().cpu().clone() for t in (a[1], a[4], a[5])))
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(P, "pixel_ssr_loss", spy)
+    return calls
+
+
+def test_the_loss_sees_only_the_runs_fixed_labelled_pixels_in_every_epoch(tmp_path, monkeypatch):
+    """Over two epochs, every pixel the loss is told is labelled (its mask) carries the spectrum of a pixel of
+    the fixed label set saved in the checkpoint, and only that pixel's own spectrum; so the labelled pixels
+    seen never grow beyond that set, wherever the patches fall. Tested through the training loop with a spy
+    on the loss's inputs. Guards against label sets redrawn every epoch (seeded with the epoch), which over
+    the epochs leaks the whole image; one epoch, or a resume that replays the redraw, cannot show it."""
+    root, cubes = _coded_demo_dir(tmp_path)
+    calls = _loss_input_spy(monkeypatch)
+    out = tmp_path / "run"
+    assert train.main(["fit", "--data", str(root), "--out", str(out), "--epochs", "2", "--label-ratio", "0.01",
+                       "--test-scenes", "demo_02", *FAST]) == 0
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert len(calls) == ckpt["step"] >= 2
+    fixed = {(name, r, c) for name, v in ckpt["labels"].items() for r, c in v["coords"].tolist()}
+    assert set(ckpt["labels"]) == {"demo_00", "demo_01"}
+    assert all(len(v["coords"]) == data.label_count(48, 48, 0.01) for v in ckpt["labels"].values())
+    seen = set()
+    for _, target, mask in calls:
+        for i, _, y, x in torch.nonzero(mask).tolist():
+            spectrum = target[i, :, y, x].numpy()
+            r, c, scene = (int(round(float(v))) - 1 for v in spectrum[:3] * (256, 256, 16))
+            name = f"demo_{scene:02d}"
+            assert (name, r, c) in fixed, f"{name} pixel {(r, c)} is not in the run's label set"
+            np.testing.assert_array_equal(spectrum, cubes[name][r, c])  # that pixel's own spectrum, whole
+            seen.add((name, r, c))
+    assert len(seen) > len(fixed) // 2  # and the loss did see labels
+
+
+def test_unsupervised_mode_has_no_labels_and_fits_gamma_to_the_rgb(tmp_path, monkeypatch):
+    """omega = 0: no label set, the loss never sees a labelled pixel, and Gamma(alpha, theta) is the
+    method-of-moments fit of the training scenes' RGB values (computed here in numpy from the cubes), not of
+    their spectra. Guards against the unsupervised Gamma fitted to the hidden training spectra, which the
+    unsupervised mode must never read (a check that alpha, theta are finite and positive accepts it)."""
     root = _demo_dir(tmp_path)
+    calls = _loss_input_spy(monkeypatch)
     out = tmp_path / "run"
     assert train.main(["fit", "--data", str(root), "--out", str(out), "--epochs", "1", "--label-ratio", "0",
                        "--test-scenes", "demo_02", *FAST]) == 0
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert all(len(v["coords"]) == 0 for v in ckpt["labels"].values())
-    assert all(np.isfinite(ckpt["gamma"])) and min(ckpt["gamma"]) > 0
+    assert calls and not any(mask.any() for _, _, mask in calls)
+    s = data.srf_matrix().astype(np.float64)
+    rgb = np.concatenate([(np.load(root / f"{n}.npy").astype(np.float64) @ s.T).ravel() for n in ("demo_00", "demo_01")])
+    m, v = rgb.mean(), rgb.var()
+    assert ckpt["gamma"] == pytest.approx([m * m / v, v / m], rel=1e-5)
 
 
 def _real_crops(tmp_path):
