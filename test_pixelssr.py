@@ -15,6 +15,7 @@ import json
 import math
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1512,28 +1513,137 @@ def _real_crops(tmp_path):
     return _scene_dir(tmp_path, crops)
 
 
-@needs_data
-def test_fit_eval_predict_end_to_end_on_real_crops(tmp_path):
-    root = _real_crops(tmp_path)
-    run, ev, pr = tmp_path / "run", tmp_path / "eval", tmp_path / "pred"
+_REAL_TEST = "fake_and_real_sushi"
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """One short fit on 64 x 64 real crops (three training scenes, 1 % labels, fake_and_real_sushi to test),
+    then its eval over two Gamma seeds, with spies recording every point cube eval draws and the inputs of
+    every root-polynomial fit; the tests below read the run, the report and what the spies saw."""
+    tmp = tmp_path_factory.mktemp("real_run")
+    root = _real_crops(tmp)
+    run, ev = tmp / "run", tmp / "eval"
     assert train.main(["fit", "--data", str(root), "--out", str(run), "--epochs", "1", "--label-ratio", "0.01",
-                       "--test-scenes", "fake_and_real_sushi", *FAST]) == 0
-    assert train.main(["eval", "--ckpt", str(run / "last.pt"), "--data", str(root), "--out", str(ev),
-                       "--seeds", "2"]) == 0
-    report = json.loads((ev / "metrics.json").read_text())
-    assert list(report["scenes"]) == ["fake_and_real_sushi"] and report["seeds"] == [0, 1]
+                       "--test-scenes", _REAL_TEST, *FAST]) == 0
+    points, root_poly = [], []
+    real_points, real_fit = P.sample_points, train.fit_root_poly
+
+    def points_spy(*a, **k):
+        out = real_points(*a, **k)
+        points.append(out.detach().cpu().clone())
+        return out
+
+    def fit_spy(*a, **k):
+        root_poly.append(tuple(np.array(x, copy=True) for x in a[:2]))
+        return real_fit(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(P, "sample_points", points_spy)
+        mp.setattr(train, "fit_root_poly", fit_spy)
+        assert train.main(["eval", "--ckpt", str(run / "last.pt"), "--data", str(root), "--out", str(ev),
+                           "--seeds", "2"]) == 0
+    return SimpleNamespace(root=root, run=run, eval=ev, report=json.loads((ev / "metrics.json").read_text()),
+                           ckpt=torch.load(run / "last.pt", weights_only=True), points=points, root_poly=root_poly)
+
+
+def _real_label_count(run) -> int:
+    """max(1, floor(omega.H.W)) summed over the run's training scenes (balloons' crop is 64 x 56)."""
+    return sum(data.label_count(*np.load(run.root / f"{n}.npy").shape[:2], 0.01) for n in run.ckpt["split"]["train"])
+
+
+def _scene_points(cubes: list[torch.Tensor], hw: tuple[int, int]) -> list[torch.Tensor]:
+    """The point cubes drawn for an image of size hw, in the order drawn."""
+    return [c for c in cubes if tuple(c.shape[-2:]) == hw]
+
+
+@needs_data
+def test_fit_eval_predict_end_to_end_on_real_crops(real_run, tmp_path):
+    run, ev, pr, report = real_run.run, real_run.eval, tmp_path / "pred", real_run.report
+    assert list(report["scenes"]) == [_REAL_TEST] and report["seeds"] == [0, 1]
     assert {"rmse", "psnr", "psnr_bandwise", "ssim", "sam"} <= set(report["overall"])
-    assert set(torch.load(run / "last.pt", weights_only=True)) == set(train.CHECKPOINT_KEYS)
-    assert "root_poly_baseline" in report  # 3 scenes x 40 labelled pixels: enough to fit it
-    cube = data.load_scene(ev / "fake_and_real_sushi" / "cube.mat")
-    np.testing.assert_allclose(cube, np.load(ev / "fake_and_real_sushi" / "cube.npy"))
+    assert set(real_run.ckpt) == set(train.CHECKPOINT_KEYS)
+    assert "root_poly_baseline" in report  # 115 labelled pixels in 3 scenes: enough to fit it
+    cube = data.load_scene(ev / _REAL_TEST / "cube.mat")
+    np.testing.assert_allclose(cube, np.load(ev / _REAL_TEST / "cube.npy"))
     assert cube.shape == (64, 64, 31)
-    assert scipy.io.loadmat(ev / "fake_and_real_sushi" / "cube.mat")["wavelengths"].size == 31
+    assert scipy.io.loadmat(ev / _REAL_TEST / "cube.mat")["wavelengths"].size == 31
     for f in ("preview.png", "error_rmse_0-0.1.png", "spectra.csv"):
-        assert (ev / "fake_and_real_sushi" / f).is_file()
-    assert train.main(["predict", "--ckpt", str(run / "last.pt"), "--rgb", str(ev / "fake_and_real_sushi" / "preview.png"),
+        assert (ev / _REAL_TEST / f).is_file()
+    assert train.main(["predict", "--ckpt", str(run / "last.pt"), "--rgb", str(ev / _REAL_TEST / "preview.png"),
                        "--out", str(pr), "--tile", "48"]) == 0
     assert np.load(pr / "cube.npy").shape == (64, 64, 31)
+
+
+@needs_data
+def test_eval_reports_the_metrics_of_its_reconstructions_for_each_seed(real_run):
+    """The per-scene and overall mean and std in metrics.json are those, over the seeds, of the metrics
+    (independent numpy code) of the checkpoint's network run on the scene's RGB and the point cube eval
+    drew for each seed; cube.npy is seed 0's reconstruction; the label count is the run's. Guards against
+    reported numbers that are not the reconstruction's (e.g. metrics swapped between keys, a spread over
+    the wrong axis), which a check of files and keys lets through."""
+    truth = np.load(real_run.root / f"{_REAL_TEST}.npy")
+    target = torch.from_numpy(truth).permute(2, 0, 1)
+    srf = data.srf_matrix(real_run.ckpt["train_config"]["srf"])
+    rgb = data.rgb_from_hsi(target[None], srf)
+    model = P.DyProMamba(P.Config(**real_run.ckpt["model_config"]))
+    model.load_state_dict(real_run.ckpt["model"])
+    cubes = _scene_points(real_run.points, truth.shape[:2])
+    assert len(cubes) == 2  # one per seed
+    with torch.no_grad():
+        preds = [model.eval()(rgb, c.reshape(1, 31, *truth.shape[:2]))[0][0].clamp(0, 1) for c in cubes]
+    per_seed = [_np_metrics(p.double().numpy(), target.double().numpy()) for p in preds]
+    report = real_run.report
+    for k in per_seed[0]:
+        values = [m[k] for m in per_seed]
+        for where, summary in (("scene", report["scenes"][_REAL_TEST][k]), ("overall", report["overall"][k])):
+            assert summary["mean"] == pytest.approx(np.mean(values), rel=1e-9), (where, k)
+            assert summary["std"] == pytest.approx(np.std(values), rel=1e-6, abs=1e-9 * abs(np.mean(values))), (where, k)
+    np.testing.assert_array_equal(np.load(real_run.eval / _REAL_TEST / "cube.npy"), preds[0].permute(1, 2, 0).numpy())
+    assert report["labelled_pixels"] == sum(len(v["coords"]) for v in real_run.ckpt["labels"].values()) == \
+        _real_label_count(real_run)
+
+
+@needs_data
+def test_eval_draws_a_different_point_cube_for_each_seed_and_the_same_for_the_same_seed(real_run, tmp_path,
+                                                                                        monkeypatch):
+    """Eval's point cubes differ from seed to seed (so the reported std is the spread the Gamma draws cause)
+    and a seed gives the same cube again in another eval. Guards against eval ignoring its Gamma seed:
+    every seed then gives the same cube, and the spread reported over seeds is 0."""
+    hw = (64, 64)
+    cubes = _scene_points(real_run.points, hw)
+    assert len(cubes) == 2 and not torch.equal(cubes[0], cubes[1])
+    assert real_run.report["scenes"][_REAL_TEST]["psnr"]["std"] > 0
+    again, real_points = [], P.sample_points
+    monkeypatch.setattr(P, "sample_points", lambda *a, **k: again.append(real_points(*a, **k)) or again[-1])
+    assert train.main(["eval", "--ckpt", str(real_run.run / "last.pt"), "--data", str(real_run.root),
+                       "--out", str(tmp_path / "again"), "--seeds", "1"]) == 0
+    assert [torch.equal(c, cubes[0]) for c in _scene_points(again, hw)] == [True]
+
+
+@needs_data
+def test_root_poly_baseline_is_fitted_on_the_runs_labelled_pixels_only(real_run):
+    """Eval fits the root-polynomial baseline on exactly the labelled pixels of the run (their spectra, read
+    here from the scenes at the checkpoint's coordinates, and their own RGB), and the baseline numbers it
+    reports are those of that fit applied to the test scene's RGB (numpy metrics). Guards against the
+    baseline fitted on the test scene's own spectra, which makes the floor the network must beat look
+    like image-level supervision."""
+    ckpt = real_run.ckpt
+    s = data.srf_matrix(ckpt["train_config"]["srf"])
+    lab_spec = np.concatenate([np.load(real_run.root / f"{name}.npy")[c[:, 0], c[:, 1]]
+                               for name, c in ((n, v["coords"].numpy()) for n, v in ckpt["labels"].items())])
+    assert len(lab_spec) == _real_label_count(real_run) and real_run.root_poly, "the baseline was never fitted"
+    for rgb, spectra in real_run.root_poly:
+        assert sorted(map(tuple, spectra.tolist())) == sorted(map(tuple, lab_spec.tolist()))
+        np.testing.assert_allclose(rgb, spectra @ s.T, rtol=1e-5, atol=1e-7)  # each pixel's own RGB
+    weights = train.fit_root_poly(lab_spec @ s.T, lab_spec)
+    truth = np.load(real_run.root / f"{_REAL_TEST}.npy").astype(np.float64)
+    base = train.root_poly_features((truth @ s.T).reshape(-1, 3)) @ weights
+    expected = _np_metrics(base.reshape(truth.shape).transpose(2, 0, 1), truth.transpose(2, 0, 1))
+    report = real_run.report
+    for k, v in expected.items():
+        assert report["scenes"][_REAL_TEST]["root_poly_baseline"][k] == pytest.approx(v, rel=1e-6), k
+        assert report["root_poly_baseline"][k]["mean"] == pytest.approx(v, rel=1e-6), k
 
 
 def test_reconstruct_runs_an_image_that_fits_one_tile_whole():
