@@ -1418,6 +1418,9 @@ def test_fit_resumed_after_a_crash_mid_epoch_ends_with_the_same_weights(tmp_path
 
 
 def test_label_sets_are_fixed_counted_and_drawn_only_from_training_scenes(tmp_path):
+    """The checkpoint's label sets: one per training scene (none for test or validation scenes), the
+    promised count, the seeded draw, the scene's own spectra; and Gamma(alpha, theta) is the moment fit of
+    those labelled spectra alone (not of every training spectrum, which the run must not read)."""
     root = _demo_dir(tmp_path)
     out = tmp_path / "run"
     assert train.main(["fit", "--data", str(root), "--out", str(out), "--epochs", "1", "--label-ratio", "0.01",
@@ -1429,6 +1432,9 @@ def test_label_sets_are_fixed_counted_and_drawn_only_from_training_scenes(tmp_pa
     np.testing.assert_array_equal(coords, data.draw_label_set(48, 48, 0.01, data.scene_seed(0, "demo_00")))
     cube = np.load(root / "demo_00.npy")
     np.testing.assert_allclose(ckpt["labels"]["demo_00"]["spectra"].numpy(), cube[coords[:, 0], coords[:, 1]])
+    labelled = cube[coords[:, 0], coords[:, 1]].astype(np.float64)
+    m, v = labelled.mean(), labelled.var()
+    assert ckpt["gamma"] == pytest.approx([m * m / v, v / m], rel=1e-9)
     assert (out / "best.pt").is_file()  # validation scenes choose best.pt
 
 
@@ -1612,7 +1618,8 @@ def test_eval_draws_a_different_point_cube_for_each_seed_and_the_same_for_the_sa
     every seed then gives the same cube, and the spread reported over seeds is 0."""
     hw = (64, 64)
     cubes = _scene_points(real_run.points, hw)
-    assert len(cubes) == 2 and not torch.equal(cubes[0], cubes[1])
+    assert len(cubes) == 2
+    assert not torch.equal(cubes[0], cubes[1]), "seeds 0 and 1 drew the same point cube"
     assert real_run.report["scenes"][_REAL_TEST]["psnr"]["std"] > 0
     again, real_points = [], P.sample_points
     monkeypatch.setattr(P, "sample_points", lambda *a, **k: again.append(real_points(*a, **k)) or again[-1])
@@ -1634,7 +1641,8 @@ def test_root_poly_baseline_is_fitted_on_the_runs_labelled_pixels_only(real_run)
                                for name, c in ((n, v["coords"].numpy()) for n, v in ckpt["labels"].items())])
     assert len(lab_spec) == _real_label_count(real_run) and real_run.root_poly, "the baseline was never fitted"
     for rgb, spectra in real_run.root_poly:
-        assert sorted(map(tuple, spectra.tolist())) == sorted(map(tuple, lab_spec.tolist()))
+        same = sorted(map(tuple, spectra.tolist())) == sorted(map(tuple, lab_spec.tolist()))
+        assert same, f"fitted on {len(spectra)} spectra that are not the run's {len(lab_spec)} labelled ones"
         np.testing.assert_allclose(rgb, spectra @ s.T, rtol=1e-5, atol=1e-7)  # each pixel's own RGB
     weights = train.fit_root_poly(lab_spec @ s.T, lab_spec)
     truth = np.load(real_run.root / f"{_REAL_TEST}.npy").astype(np.float64)
