@@ -13,7 +13,9 @@ import csv
 import dataclasses
 import json
 import math
+from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import frft
 import pixelssr as P
+import ssm
 import train
 from ssm import SS2D, selective_scan, selective_scan_ref
 
@@ -220,9 +223,13 @@ def test_frft_has_period_four(n, a, dtype, is_complex, seed):
     assert _frft_err(frft.frft(x, a + 4), frft.frft(x, a)) < _FRFT_TOL[dtype]
 
 
-def test_frft_float32_keeps_full_precision_at_large_orders():
-    x = _frft_signal(0, 64, torch.float32, True)
-    assert _frft_err(frft.frft(x, 4000.5), frft.frft(x.to(torch.complex128), 0.5)) < _FRFT_TOL[torch.float32]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_frft_keeps_full_precision_at_orders_in_the_millions(dtype):
+    """F^(4e6 + 1/2) = F^(1/2) to the dtype's full precision. Guards against the phase a·k not reduced mod 4
+    in float64 before the exponential: unreduced, π/2·a·k reaches 4e8 at N = 64 and its float64 rounding
+    (~5e-8) is far above float64's 1e-12 (float32 sees a phase formed in float32)."""
+    x = _frft_signal(0, 64, dtype, True)
+    assert _frft_err(frft.frft(x, 4_000_000.5), frft.frft(x.to(torch.complex128), 0.5)) < _FRFT_TOL[dtype]
 
 
 @_frft_settings
@@ -337,8 +344,8 @@ def _scan_with_grads(fn, inputs: dict, softplus: bool, **kwargs):
     leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if v is not None}   # keeps strides
     y, last = fn(**leaves, delta_softplus=softplus, return_last_state=True, **kwargs)
     gen = torch.Generator().manual_seed(0)
-    wy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)
-    wl = torch.randn(last.shape, generator=gen, dtype=torch.float64).to(y.dtype)
+    wy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y)
+    wl = torch.randn(last.shape, generator=gen, dtype=torch.float64).to(y)
     grads = torch.autograd.grad((y * wy).sum() + (last * wl).sum(), list(leaves.values()))
     return y.detach(), last.detach(), dict(zip(leaves, grads))
 
@@ -377,12 +384,26 @@ def test_scan_matches_ref(case):
     _assert_close(last1, last0, SCAN_TOL[case["dtype"]], "last state")
 
 
+_SCAN_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", _SCAN_DEVICES)
 @SCAN_SETTINGS
 @given(case=scan_cases())
-def test_scan_is_deterministic(case):
-    inputs = _scan_inputs(case)
-    run = lambda: selective_scan(**inputs, delta_softplus=case["softplus"], chunk_size=case["chunk"])
-    assert torch.equal(run(), run())
+def test_scan_forward_and_backward_are_deterministic_whatever_ran_before(device, case):
+    """The same inputs give the same y, last state and gradients, bit for bit, also after a run on other
+    data of the same shapes has left its numbers in the memory the allocator hands out next. Guards against
+    a buffer of the forward or the backward taken with torch.empty where it is accumulated into (e.g.
+    _scan_backward's dA): its result depends on stale memory, and a first run on fresh pages hides it."""
+    inputs = {k: None if v is None else v.to(device) for k, v in _scan_inputs(case).items()}
+    run = lambda x: _scan_with_grads(selective_scan, x, case["softplus"], chunk_size=case["chunk"])
+    first = run(inputs)
+    run(dict(inputs, u=-inputs["u"], B=2 * inputs["B"], C=inputs["C"].flip(-1)))  # other numbers, same sizes
+    again = run(inputs)
+    assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    for k in first[2]:
+        assert torch.equal(again[2][k], first[2][k]), f"grad {k}"
 
 
 @SCAN_SETTINGS
@@ -393,6 +414,22 @@ def test_scan_grads_match_ref(case):
     # Every input carries a gradient here (D, z and delta_bias always present).
     inputs = _scan_inputs(case)
     _assert_scans_agree(case, inputs, SCAN_TOL[case["dtype"]])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=scan_cases(optional=False), chunk=st.integers(ssm._SUB + 1, 3 * ssm._SUB + 3),
+       n_chunks=st.integers(1, 3), tail=st.integers(0, 2))
+@example(case=dict(seed=0, b=1, dg=2, g=1, grouped=False, n=2, l=0, chunk=0, dtype=torch.float64,
+                   softplus=True, D=True, z=True, delta_bias=True), chunk=2 * ssm._SUB + 1, n_chunks=3, tail=2)
+def test_scan_grads_match_ref_with_chunks_longer_than_the_backward_block(case, chunk, n_chunks, tail):
+    """Chunks of more than ssm._SUB (16) steps, so that the backward recomputes each chunk's states in
+    several blocks, each from a state the forward kept; the other comparisons with the loop use chunks of
+    at most 9 steps, one block. Guards against a block restarted from the wrong kept state (kept.pop(0)
+    for kept.pop()), or blocks that miss or repeat a step at their edges."""
+    case = dict(case, chunk=chunk, l=n_chunks * chunk - tail % n_chunks)  # < n_chunks padded steps
+    K = math.ceil(case["l"] / chunk)
+    assert math.ceil(case["l"] / K) == chunk > ssm._SUB  # the premise: the scan really runs chunks this long
+    _assert_scans_agree(case, _scan_inputs(case), SCAN_TOL[case["dtype"]])
 
 
 @SCAN_SETTINGS
@@ -611,6 +648,53 @@ def test_model_is_deterministic_given_the_seed():
     assert torch.equal(a, b)
 
 
+@MODEL_SETTINGS
+@given(heads=st.sampled_from([1, 2, 4]), h=st.integers(1, 6), w=st.integers(1, 6), prompted=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_spectral_attention_is_eq9_prompt_times_attention_times_values(heads, h, w, prompted, seed):
+    """Eq. (9) in MST's channel-first layout: F3 = proj((P_spe @ A) @ V), A = softmax(sigma . k^ q^T) per head,
+    q^ and k^ L2-normalised over pixels, computed here with einsum in float64 from the module's own Q, K, V
+    (channels 3i, 3i+1, 3i+2 of its depthwise conv), heads with different temperatures. Guards against the
+    prompt multiplied on the wrong side of the attention map (A @ P_spe), and against the heads' channels,
+    the normalisation or the softmax axis mixed up."""
+    torch.manual_seed(seed)
+    width, b = 8, 2
+    sa = P.SpectralAttention(width, heads).double()
+    with torch.no_grad():
+        sa.sigma.copy_(0.5 + 4 * torch.rand(heads, 1, 1))
+    x = torch.randn(b, width, h, w, dtype=torch.float64)
+    d = width // heads
+    p_spe = torch.softmax(2 * torch.randn(b, heads, d, d, dtype=torch.float64), -1)  # row-stochastic, as P_spe is
+    qkv = sa.qkv(sa.linear(x)).flatten(2)                                             # (b, 3 width, L)
+    q, k, v = (qkv[:, j::3].unflatten(1, (heads, d)) for j in range(3))               # (b, heads, d, L)
+    q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+    attn = torch.softmax(sa.sigma * torch.einsum("bhil,bhjl->bhij", k, q), dim=-1)
+    mix = torch.einsum("bhij,bhjk->bhik", p_spe, attn) if prompted else attn
+    f3 = torch.einsum("bhik,bhkl->bhil", mix, v).reshape(b, width, h, w)
+    expected = torch.nn.functional.conv2d(f3, sa.proj.weight, sa.proj.bias)
+    _assert_close(sa(x, p_spe if prompted else None), expected, 1e-12)
+
+
+@MODEL_SETTINGS
+@given(h=st.integers(1, 9), w=st.integers(1, 9), seed=st.integers(0, 1000))
+def test_spa_hf_branch_is_fed_f1_minus_its_2x2_block_mean(h, w, seed):
+    """Eq. (5): P_hf = conv3(gelu(conv3(F1 - F2))), F2 = up2(avgpool2(F1)): what enters the branch is F1
+    less the mean of its 2x2 block, computed here by reshaping F1 (odd sizes are padded to even before the
+    DRPN). Guards against the Spa-HF branch fed F1 itself (or F2, or a shifted F2)."""
+    m = _model(seed=seed).double()
+    seen = {}
+    m.drpn.f1.register_forward_hook(lambda mod, inp, out: seen.__setitem__("f1", out))
+    m.drpn.hf.register_forward_pre_hook(lambda mod, inp: seen.__setitem__("hf_in", inp[0]))
+    with torch.no_grad():
+        m(*(t.double() for t in _inputs(2, h, w, seed)))
+    f1 = seen["f1"]
+    b, c, hh, ww = f1.shape
+    blocks = f1.reshape(b, c, hh // 2, 2, ww // 2, 2)
+    expected = (blocks - blocks.mean((3, 5), keepdim=True)).reshape(b, c, hh, ww)
+    _assert_close(seen["hf_in"], expected, 1e-12)
+    assert expected.abs().max() > 1e-3 * f1.abs().max()  # the residual is not vanishingly small
+
+
 # every configuration the ablations build: nothing is built that the forward pass does not use
 CONFIGS = {"full": SMALL, "fft": dataclasses.replace(SMALL, spa_transform="fft"),
            "no_spatial_prompts": dataclasses.replace(SMALL, use_spa=False, use_hf=False),
@@ -655,13 +739,29 @@ def _loss_inputs(seed: int = 0):
 
 
 @pytest.mark.parametrize("term,wrt", [("phsi", "hsi"), ("rep", "hsi"), ("ssim", "hsi"), ("p2i", "y3")])
-def test_each_loss_term_alone_carries_gradient_to_the_output(term, wrt):
-    m = _model()
+def test_each_loss_term_alone_has_the_gradient_of_its_value(term, wrt):
+    """In float64, each term's autograd gradient along a random direction equals the central finite
+    difference of the term's value, and that derivative is far from zero. Guards against a detached term,
+    and against a term that is identically zero (e.g. L_SSIM comparing each band with itself): its gradient
+    is rounding noise (2.9e-7) that `gradient sum > 0` accepts, but its value does not move."""
+    m = _model().double()
     hsi, y3, rgb, target, mask, srf = _loss_inputs()
-    _, terms = P.pixel_ssr_loss(m, rgb, hsi, y3, target, mask, srf)
-    assert terms[term].requires_grad, f"{term} is detached"
-    (grad,) = torch.autograd.grad(terms[term], {"hsi": hsi, "y3": y3}[wrt])
-    assert grad.abs().sum() > 0
+    leaves = {"hsi": hsi.detach().double().requires_grad_(), "y3": y3.detach().double().requires_grad_()}
+    rgb, target, srf = rgb.double(), target.double(), srf.double()
+
+    def value(**out):
+        return P.pixel_ssr_loss(m, rgb, out["hsi"], out["y3"], target, mask, srf)[1][term]
+
+    t = value(**leaves)
+    assert t.requires_grad, f"{term} is detached"
+    (grad,) = torch.autograd.grad(t, leaves[wrt])
+    v = torch.randn(grad.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    eps = 1e-6
+    with torch.no_grad():
+        moved = [value(**{**leaves, wrt: leaves[wrt] + s * eps * v}).item() for s in (1, -1)]
+    slope = (moved[0] - moved[1]) / (2 * eps)
+    assert abs(slope) > 1e-5, f"{term} hardly depends on {wrt}: slope {slope:.3g}"
+    assert (grad * v).sum().item() == pytest.approx(slope, rel=1e-6)
 
 
 def test_rep_loss_is_the_mean_abs_rgb_error_of_the_projected_hsi():
@@ -717,22 +817,78 @@ def test_phsi_reads_only_labelled_pixels():
     assert before["phsi"].item() == pytest.approx(expected.item())
 
 
-# one switch at a time: (config change, the submodule that must disappear)
+class _FirstChannels(torch.nn.Module):
+    """Stands in for a fusing conv3(cat(Y, P)): passes Y (the first `n` channels) through, drops the prompt."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :self.n]
+
+
+class _IdentityPrompt(torch.nn.Module):
+    """Stands in for a SpectralPrompt: P_spe = I, so that P_spe @ A = A, the unprompted attention."""
+
+    def __init__(self, prompt: P.SpectralPrompt):
+        super().__init__()
+        self.heads, self.d = prompt.heads, prompt.qk.out_channels // 2 // prompt.heads
+
+    def forward(self, y3: torch.Tensor) -> torch.Tensor:
+        return torch.eye(self.d, dtype=y3.dtype).expand(y3.shape[0], self.heads, self.d, self.d)
+
+
+class _NoAttention(torch.nn.Module):
+    """Stands in for a PromptSSM's attention sub-layer: adds nothing to the residual stream."""
+
+    def forward(self, x: torch.Tensor, p_spe) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def _bypass(m: P.DyProMamba, switch: str) -> None:
+    """Neutralise one branch of a full model in place, by swapping modules, not through the code paths the
+    switch itself takes: the model then computes what the ablation claims to compute."""
+    if switch == "use_spa":
+        m.drpn.y2 = _FirstChannels(m.cfg.bands)                    # Y2 = Y1
+    elif switch == "use_hf":
+        m.drpn.y3 = _FirstChannels(m.cfg.bands)                    # Y3 = Y2
+    elif switch == "use_spe":
+        m.drpn.spe = torch.nn.ModuleList(_IdentityPrompt(p) for p in m.drpn.spe)
+    else:
+        for block in (m.enc, m.mid, m.dec):
+            block.attn = _NoAttention()
+
+
+# one switch at a time: (config change, the parameters that must disappear with it)
 ABLATIONS = {
-    "use_spa": lambda m: m.drpn.spa,
-    "use_hf": lambda m: m.drpn.hf,
-    "use_spe": lambda m: m.drpn.spe,
-    "use_prompt_ssm": lambda m: m.enc.attn,
+    "use_spa": ("drpn.spa.", "drpn.y2."),
+    "use_hf": ("drpn.hf.", "drpn.y3."),
+    "use_spe": ("drpn.spe.",),
+    "use_prompt_ssm": ("drpn.spe.", *(f"{blk}.{sub}." for blk in ("enc", "mid", "dec") for sub in ("attn", "norm1"))),
 }
 
 
 @pytest.mark.parametrize("switch", ABLATIONS)
-def test_each_ablation_switch_removes_its_branch(switch):
+def test_each_ablation_switch_removes_its_branch_and_nothing_else(switch):
+    """The cut model holds exactly the full model's parameters less its branch's; given the full model's
+    weights it computes what the full model computes with that branch bypassed (a fusing conv replaced by
+    a pass-through of Y, P_spe by the identity, the attention sub-layer by zero); and the branch did
+    matter. (Comparing a full and a cut model as initialised says nothing: their initialisations differ.)
+    Guards against a switch that also cuts or rewires another branch (e.g. the Spa-HF step nested under
+    `if self.spa`), and against branch parameters built but unused."""
     full, cut = _model(), _model(dataclasses.replace(SMALL, **{switch: False}))
-    assert ABLATIONS[switch](full) is not None and ABLATIONS[switch](cut) is None
-    assert _n_params(cut) < _n_params(full)
-    x = _inputs(1, 12, 12)
-    assert not torch.allclose(full(*x)[0], cut(*x)[0])
+    full_sd, cut_sd = full.state_dict(), cut.state_dict()
+    gone = {k for k in full_sd if k.startswith(ABLATIONS[switch])}
+    assert gone and set(cut_sd) == set(full_sd) - gone
+    cut.load_state_dict({k: full_sd[k] for k in cut_sd})
+    bypassed = copy.deepcopy(full)
+    _bypass(bypassed, switch)
+    x = _inputs(2, 12, 10)
+    with torch.no_grad():
+        out_full, out_bypassed, out_cut = full(*x)[0], bypassed(*x)[0], cut(*x)[0]
+    _assert_close(out_cut, out_bypassed, 1e-6)
+    assert (out_full - out_bypassed).abs().max() > 1e-3 * out_full.abs().max()
 
 
 def test_fft_ablation_drops_only_the_learnable_order():
@@ -774,9 +930,13 @@ def test_fit_gamma_refuses_empty_negative_or_degenerate_data(bad):
 @settings(max_examples=30, deadline=None)
 @given(b=st.integers(1, 3), h=st.integers(1, 40), w=st.integers(1, 40),
        ratio=st.sampled_from([0.0, 1e-4, 1e-3, 0.01, 0.1, 0.5, 1.0]), seed=st.integers(0, 1000))
+@example(b=1, h=29, w=100, ratio=0.01, seed=0)  # 0.01 * 29 * 100 = 28.999999999999996 in floating point
+@example(b=2, h=58, w=50, ratio=0.01, seed=0)   # the one such size up to 64 x 64 at the usual ratios
 def test_sample_points_places_exactly_the_promised_number_of_non_negative_spectra(b, h, w, ratio, seed):
+    """max(1, floor(omega.H.W)) points (the 0.01 % count for omega = 0), counted here in exact decimal
+    arithmetic. Guards against the count one short where omega.H.W rounds just below an integer."""
     pts = P.sample_points((b, 31, h, w), ratio, 2.0, 0.1, generator=torch.Generator().manual_seed(seed))
-    k = max(1, math.floor((ratio if ratio > 0 else 1e-4) * h * w + 1e-9))
+    k = max(1, math.floor(Fraction(str(ratio if ratio > 0 else 1e-4)) * h * w))
     assert (pts.abs().sum(1) > 0).sum((1, 2)).tolist() == [k] * b  # Gamma draws are a.s. positive
     assert (pts >= 0).all()
 
@@ -1120,7 +1280,11 @@ def test_data_demo_scenes_deterministic():
 
 
 @given(st.integers(1, 64), st.integers(1, 64), st.integers(0, 10000))
+@example(29, 100, 100)  # 0.01 * 29 * 100 = 28.999999999999996 in floating point
+@example(58, 50, 100)   # the one such size up to 64 x 64 at omega = 0.01
 def test_label_set_has_max_1_floor_ratio_hw_pixels(h, w, permyriad):
+    """Counted in integers. Guards against the label count one short where omega.H.W rounds just below an
+    integer in floating point."""
     expected = 0 if permyriad == 0 else max(1, permyriad * h * w // 10000)
     assert len(data.draw_label_set(h, w, permyriad / 10000, seed=0)) == expected
 
@@ -1254,6 +1418,9 @@ def test_fit_resumed_after_a_crash_mid_epoch_ends_with_the_same_weights(tmp_path
 
 
 def test_label_sets_are_fixed_counted_and_drawn_only_from_training_scenes(tmp_path):
+    """The checkpoint's label sets: one per training scene (none for test or validation scenes), the
+    promised count, the seeded draw, the scene's own spectra; and Gamma(alpha, theta) is the moment fit of
+    those labelled spectra alone (not of every training spectrum, which the run must not read)."""
     root = _demo_dir(tmp_path)
     out = tmp_path / "run"
     assert train.main(["fit", "--data", str(root), "--out", str(out), "--epochs", "1", "--label-ratio", "0.01",
@@ -1265,17 +1432,83 @@ def test_label_sets_are_fixed_counted_and_drawn_only_from_training_scenes(tmp_pa
     np.testing.assert_array_equal(coords, data.draw_label_set(48, 48, 0.01, data.scene_seed(0, "demo_00")))
     cube = np.load(root / "demo_00.npy")
     np.testing.assert_allclose(ckpt["labels"]["demo_00"]["spectra"].numpy(), cube[coords[:, 0], coords[:, 1]])
+    labelled = cube[coords[:, 0], coords[:, 1]].astype(np.float64)
+    m, v = labelled.mean(), labelled.var()
+    assert ckpt["gamma"] == pytest.approx([m * m / v, v / m], rel=1e-9)
     assert (out / "best.pt").is_file()  # validation scenes choose best.pt
 
 
-def test_unsupervised_mode_has_no_labels_and_fits_gamma_to_the_rgb(tmp_path):
+def _coded_demo_dir(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
+    """Three 48 x 48 demo scenes whose bands 0, 1 and 2 say which pixel a spectrum came from: (row + 1) / 256,
+    (col + 1) / 256 and (scene + 1) / 16, exact in float32, so that a labelled spectrum names its origin after
+    any crop, flip or rotation."""
+    cubes = {}
+    for i, (name, cube) in enumerate(data.demo_scenes(n=3, size=64)):
+        cube = cube[:48, :48].copy()
+        cube[..., 0] = (np.arange(48)[:, None] + 1) / 256
+        cube[..., 1] = (np.arange(48)[None, :] + 1) / 256
+        cube[..., 2] = (i + 1) / 16
+        cubes[name] = cube
+    return _scene_dir(tmp_path, cubes), cubes
+
+
+def _loss_input_spy(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Records (rgb, target, mask) of every call of P.pixel_ssr_loss, passing the call through unchanged."""
+    calls, real_loss = [], P.pixel_ssr_loss
+
+    def spy(*a, **k):
+        calls.append(tuple(t.detach().cpu().clone() for t in (a[1], a[4], a[5])))
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(P, "pixel_ssr_loss", spy)
+    return calls
+
+
+def test_the_loss_sees_only_the_runs_fixed_labelled_pixels_in_every_epoch(tmp_path, monkeypatch):
+    """Over two epochs, every pixel the loss is told is labelled (its mask) carries the spectrum of a pixel of
+    the fixed label set saved in the checkpoint, and only that pixel's own spectrum; so the labelled pixels
+    seen never grow beyond that set, wherever the patches fall. Tested through the training loop with a spy
+    on the loss's inputs. Guards against label sets redrawn every epoch (seeded with the epoch), which over
+    the epochs leaks the whole image; one epoch, or a resume that replays the redraw, cannot show it."""
+    root, cubes = _coded_demo_dir(tmp_path)
+    calls = _loss_input_spy(monkeypatch)
+    out = tmp_path / "run"
+    assert train.main(["fit", "--data", str(root), "--out", str(out), "--epochs", "2", "--label-ratio", "0.01",
+                       "--test-scenes", "demo_02", *FAST]) == 0
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert len(calls) == ckpt["step"] >= 2
+    fixed = {(name, r, c) for name, v in ckpt["labels"].items() for r, c in v["coords"].tolist()}
+    assert set(ckpt["labels"]) == {"demo_00", "demo_01"}
+    assert all(len(v["coords"]) == data.label_count(48, 48, 0.01) for v in ckpt["labels"].values())
+    seen = set()
+    for _, target, mask in calls:
+        for i, _, y, x in torch.nonzero(mask).tolist():
+            spectrum = target[i, :, y, x].numpy()
+            r, c, scene = (int(round(float(v))) - 1 for v in spectrum[:3] * (256, 256, 16))
+            name = f"demo_{scene:02d}"
+            assert (name, r, c) in fixed, f"{name} pixel {(r, c)} is not in the run's label set"
+            np.testing.assert_array_equal(spectrum, cubes[name][r, c])  # that pixel's own spectrum, whole
+            seen.add((name, r, c))
+    assert seen  # and the loss did see labels
+
+
+def test_unsupervised_mode_has_no_labels_and_fits_gamma_to_the_rgb(tmp_path, monkeypatch):
+    """omega = 0: no label set, the loss never sees a labelled pixel, and Gamma(alpha, theta) is the
+    method-of-moments fit of the training scenes' RGB values (computed here in numpy from the cubes), not of
+    their spectra. Guards against the unsupervised Gamma fitted to the hidden training spectra, which the
+    unsupervised mode must never read (a check that alpha, theta are finite and positive accepts it)."""
     root = _demo_dir(tmp_path)
+    calls = _loss_input_spy(monkeypatch)
     out = tmp_path / "run"
     assert train.main(["fit", "--data", str(root), "--out", str(out), "--epochs", "1", "--label-ratio", "0",
                        "--test-scenes", "demo_02", *FAST]) == 0
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert all(len(v["coords"]) == 0 for v in ckpt["labels"].values())
-    assert all(np.isfinite(ckpt["gamma"])) and min(ckpt["gamma"]) > 0
+    assert calls and not any(mask.any() for _, _, mask in calls)
+    s = data.srf_matrix().astype(np.float64)
+    rgb = np.concatenate([(np.load(root / f"{n}.npy").astype(np.float64) @ s.T).ravel() for n in ("demo_00", "demo_01")])
+    m, v = rgb.mean(), rgb.var()
+    assert ckpt["gamma"] == pytest.approx([m * m / v, v / m], rel=1e-5)
 
 
 def _real_crops(tmp_path):
@@ -1286,28 +1519,139 @@ def _real_crops(tmp_path):
     return _scene_dir(tmp_path, crops)
 
 
-@needs_data
-def test_fit_eval_predict_end_to_end_on_real_crops(tmp_path):
-    root = _real_crops(tmp_path)
-    run, ev, pr = tmp_path / "run", tmp_path / "eval", tmp_path / "pred"
+_REAL_TEST = "fake_and_real_sushi"
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """One short fit on 64 x 64 real crops (three training scenes, 1 % labels, fake_and_real_sushi to test),
+    then its eval over two Gamma seeds, with spies recording every point cube eval draws and the inputs of
+    every root-polynomial fit; the tests below read the run, the report and what the spies saw."""
+    tmp = tmp_path_factory.mktemp("real_run")
+    root = _real_crops(tmp)
+    run, ev = tmp / "run", tmp / "eval"
     assert train.main(["fit", "--data", str(root), "--out", str(run), "--epochs", "1", "--label-ratio", "0.01",
-                       "--test-scenes", "fake_and_real_sushi", *FAST]) == 0
-    assert train.main(["eval", "--ckpt", str(run / "last.pt"), "--data", str(root), "--out", str(ev),
-                       "--seeds", "2"]) == 0
-    report = json.loads((ev / "metrics.json").read_text())
-    assert list(report["scenes"]) == ["fake_and_real_sushi"] and report["seeds"] == [0, 1]
+                       "--test-scenes", _REAL_TEST, *FAST]) == 0
+    points, root_poly = [], []
+    real_points, real_fit = P.sample_points, train.fit_root_poly
+
+    def points_spy(*a, **k):
+        out = real_points(*a, **k)
+        points.append(out.detach().cpu().clone())
+        return out
+
+    def fit_spy(*a, **k):
+        root_poly.append(tuple(np.array(x, copy=True) for x in a[:2]))
+        return real_fit(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(P, "sample_points", points_spy)
+        mp.setattr(train, "fit_root_poly", fit_spy)
+        assert train.main(["eval", "--ckpt", str(run / "last.pt"), "--data", str(root), "--out", str(ev),
+                           "--seeds", "2"]) == 0
+    return SimpleNamespace(root=root, run=run, eval=ev, report=json.loads((ev / "metrics.json").read_text()),
+                           ckpt=torch.load(run / "last.pt", weights_only=True), points=points, root_poly=root_poly)
+
+
+def _real_label_count(run) -> int:
+    """max(1, floor(omega.H.W)) summed over the run's training scenes (balloons' crop is 64 x 56)."""
+    return sum(data.label_count(*np.load(run.root / f"{n}.npy").shape[:2], 0.01) for n in run.ckpt["split"]["train"])
+
+
+def _scene_points(cubes: list[torch.Tensor], hw: tuple[int, int]) -> list[torch.Tensor]:
+    """The point cubes drawn for an image of size hw, in the order drawn."""
+    return [c for c in cubes if tuple(c.shape[-2:]) == hw]
+
+
+@needs_data
+def test_fit_eval_predict_end_to_end_on_real_crops(real_run, tmp_path):
+    run, ev, pr, report = real_run.run, real_run.eval, tmp_path / "pred", real_run.report
+    assert list(report["scenes"]) == [_REAL_TEST] and report["seeds"] == [0, 1]
     assert {"rmse", "psnr", "psnr_bandwise", "ssim", "sam"} <= set(report["overall"])
-    assert set(torch.load(run / "last.pt", weights_only=True)) == set(train.CHECKPOINT_KEYS)
-    assert "root_poly_baseline" in report  # 3 scenes x 40 labelled pixels: enough to fit it
-    cube = data.load_scene(ev / "fake_and_real_sushi" / "cube.mat")
-    np.testing.assert_allclose(cube, np.load(ev / "fake_and_real_sushi" / "cube.npy"))
+    assert set(real_run.ckpt) == set(train.CHECKPOINT_KEYS)
+    assert "root_poly_baseline" in report  # 115 labelled pixels in 3 scenes: enough to fit it
+    cube = data.load_scene(ev / _REAL_TEST / "cube.mat")
+    np.testing.assert_allclose(cube, np.load(ev / _REAL_TEST / "cube.npy"))
     assert cube.shape == (64, 64, 31)
-    assert scipy.io.loadmat(ev / "fake_and_real_sushi" / "cube.mat")["wavelengths"].size == 31
+    assert scipy.io.loadmat(ev / _REAL_TEST / "cube.mat")["wavelengths"].size == 31
     for f in ("preview.png", "error_rmse_0-0.1.png", "spectra.csv"):
-        assert (ev / "fake_and_real_sushi" / f).is_file()
-    assert train.main(["predict", "--ckpt", str(run / "last.pt"), "--rgb", str(ev / "fake_and_real_sushi" / "preview.png"),
+        assert (ev / _REAL_TEST / f).is_file()
+    assert train.main(["predict", "--ckpt", str(run / "last.pt"), "--rgb", str(ev / _REAL_TEST / "preview.png"),
                        "--out", str(pr), "--tile", "48"]) == 0
     assert np.load(pr / "cube.npy").shape == (64, 64, 31)
+
+
+@needs_data
+def test_eval_reports_the_metrics_of_its_reconstructions_for_each_seed(real_run):
+    """The per-scene and overall mean and std in metrics.json are those, over the seeds, of the metrics
+    (independent numpy code) of the checkpoint's network run on the scene's RGB and the point cube eval
+    drew for each seed; cube.npy is seed 0's reconstruction; the label count is the run's. Guards against
+    reported numbers that are not the reconstruction's (e.g. metrics swapped between keys, a spread over
+    the wrong axis), which a check of files and keys lets through."""
+    truth = np.load(real_run.root / f"{_REAL_TEST}.npy")
+    target = torch.from_numpy(truth).permute(2, 0, 1)
+    srf = data.srf_matrix(real_run.ckpt["train_config"]["srf"])
+    rgb = data.rgb_from_hsi(target[None], srf)
+    model = P.DyProMamba(P.Config(**real_run.ckpt["model_config"]))
+    model.load_state_dict(real_run.ckpt["model"])
+    cubes = _scene_points(real_run.points, truth.shape[:2])
+    assert len(cubes) == 2  # one per seed
+    with torch.no_grad():
+        preds = [model.eval()(rgb, c.reshape(1, 31, *truth.shape[:2]))[0][0].clamp(0, 1) for c in cubes]
+    per_seed = [_np_metrics(p.double().numpy(), target.double().numpy()) for p in preds]
+    report = real_run.report
+    for k in per_seed[0]:
+        values = [m[k] for m in per_seed]
+        for where, summary in (("scene", report["scenes"][_REAL_TEST][k]), ("overall", report["overall"][k])):
+            assert summary["mean"] == pytest.approx(np.mean(values), rel=1e-9), (where, k)
+            assert summary["std"] == pytest.approx(np.std(values), rel=1e-6, abs=1e-9 * abs(np.mean(values))), (where, k)
+    np.testing.assert_array_equal(np.load(real_run.eval / _REAL_TEST / "cube.npy"), preds[0].permute(1, 2, 0).numpy())
+    assert report["labelled_pixels"] == sum(len(v["coords"]) for v in real_run.ckpt["labels"].values()) == \
+        _real_label_count(real_run)
+
+
+@needs_data
+def test_eval_draws_a_different_point_cube_for_each_seed_and_the_same_for_the_same_seed(real_run, tmp_path,
+                                                                                        monkeypatch):
+    """Eval's point cubes differ from seed to seed (so the reported std is the spread the Gamma draws cause)
+    and a seed gives the same cube again in another eval. Guards against eval ignoring its Gamma seed:
+    every seed then gives the same cube, and the spread reported over seeds is 0."""
+    hw = (64, 64)
+    cubes = _scene_points(real_run.points, hw)
+    assert len(cubes) == 2
+    assert not torch.equal(cubes[0], cubes[1]), "seeds 0 and 1 drew the same point cube"
+    assert real_run.report["scenes"][_REAL_TEST]["psnr"]["std"] > 0
+    again, real_points = [], P.sample_points
+    monkeypatch.setattr(P, "sample_points", lambda *a, **k: again.append(real_points(*a, **k)) or again[-1])
+    assert train.main(["eval", "--ckpt", str(real_run.run / "last.pt"), "--data", str(real_run.root),
+                       "--out", str(tmp_path / "again"), "--seeds", "1"]) == 0
+    assert [torch.equal(c, cubes[0]) for c in _scene_points(again, hw)] == [True]
+
+
+@needs_data
+def test_root_poly_baseline_is_fitted_on_the_runs_labelled_pixels_only(real_run):
+    """Eval fits the root-polynomial baseline on exactly the labelled pixels of the run (their spectra, read
+    here from the scenes at the checkpoint's coordinates, and their own RGB), and the baseline numbers it
+    reports are those of that fit applied to the test scene's RGB (numpy metrics). Guards against the
+    baseline fitted on the test scene's own spectra, which makes the floor the network must beat look
+    like image-level supervision."""
+    ckpt = real_run.ckpt
+    s = data.srf_matrix(ckpt["train_config"]["srf"])
+    lab_spec = np.concatenate([np.load(real_run.root / f"{name}.npy")[c[:, 0], c[:, 1]]
+                               for name, c in ((n, v["coords"].numpy()) for n, v in ckpt["labels"].items())])
+    assert len(lab_spec) == _real_label_count(real_run) and real_run.root_poly, "the baseline was never fitted"
+    for rgb, spectra in real_run.root_poly:
+        same = sorted(map(tuple, spectra.tolist())) == sorted(map(tuple, lab_spec.tolist()))
+        assert same, f"fitted on {len(spectra)} spectra that are not the run's {len(lab_spec)} labelled ones"
+        np.testing.assert_allclose(rgb, spectra @ s.T, rtol=1e-5, atol=1e-7)  # each pixel's own RGB
+    weights = train.fit_root_poly(lab_spec @ s.T, lab_spec)
+    truth = np.load(real_run.root / f"{_REAL_TEST}.npy").astype(np.float64)
+    base = train.root_poly_features((truth @ s.T).reshape(-1, 3)) @ weights
+    expected = _np_metrics(base.reshape(truth.shape).transpose(2, 0, 1), truth.transpose(2, 0, 1))
+    report = real_run.report
+    for k, v in expected.items():
+        assert report["scenes"][_REAL_TEST]["root_poly_baseline"][k] == pytest.approx(v, rel=1e-6), k
+        assert report["root_poly_baseline"][k]["mean"] == pytest.approx(v, rel=1e-6), k
 
 
 def test_reconstruct_runs_an_image_that_fits_one_tile_whole():

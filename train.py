@@ -209,9 +209,11 @@ def root_poly_features(rgb: np.ndarray) -> np.ndarray:
 
 
 def fit_root_poly(rgb: np.ndarray, spectra: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
-    """Least-squares map (6, 31) from root-polynomial RGB features (k, 3) to spectra (k, 31)."""
-    f = root_poly_features(rgb)
-    return np.linalg.solve(f.T @ f + ridge * np.eye(f.shape[1]), f.T @ spectra)
+    """Least-squares map (6, 31) from root-polynomial RGB features (k, 3) to spectra (k, 31).
+    Solved in float64 whatever the input: the six features are nearly collinear (cond(F^T F) ~ 4e7 on CAVE
+    crops), so float32 normal equations move the baseline's RMSE by ~0.2 % with the last bit of the RGB."""
+    f = root_poly_features(np.asarray(rgb, dtype=np.float64))
+    return np.linalg.solve(f.T @ f + ridge * np.eye(f.shape[1]), f.T @ np.asarray(spectra, dtype=np.float64))
 
 
 # -----------------------------------------------------------------------------
