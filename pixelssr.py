@@ -9,6 +9,7 @@ Gamma-distributed "point spectra" so that it runs on new scenes where nothing wa
 
 What is here, in reading order (the paper's sections and equations):
   - point spectra: fit_gamma, sample_points                          Sec. 3.1, Eq. (2)-(3)
+  - root_poly_features, the classical baseline's RGB terms (Finlayson et al. 2015)
   - building blocks: LayerNorm2d, SpectralPrompt, SpectralAttention, FFN, PromptSSM
   - DRPN, the Dynamic Receptive Prompt Neck                          Sec. 3.2.1, Eq. (4)-(7)
   - DyProMamba, the U-shaped network of PromptSSMs                   Sec. 3.2.2, Eq. (8)-(9)
@@ -23,6 +24,7 @@ Glossary (code name = paper symbol):
   f1         = F_1, shallow RGB feature                   p_spa  = P_spa, Spa-FRFT prompt
   p_hf       = P_hf, Spa-HF prompt                        p_spe  = P_spe, spectral prompt (heads, d, d)
   srf        = S, the 3x31 spectral response (X = S.Y)    h2r    = M_H2R, HSI-to-RGB map of L_P2I
+  prior      = M, root-polynomial RGB-to-spectrum map (6, 31), only with Config.prior = "rootpoly" (not the paper's)
   C          = cfg.width (the paper's B = 40)             ratio  = omega, the label ratio
 """
 
@@ -406,6 +408,9 @@ def pixel_ssr_loss(model: DyProMamba, rgb: torch.Tensor, hsi: torch.Tensor, y3: 
                    target: torch.Tensor, mask: torch.Tensor, srf: torch.Tensor,
                    weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L = L_pHSI + 1.L_rep + 0.3.L_SSIM + 0.3.L_P2I, Eq. (14)-(15).
+
+    The terms are the paper's. On the default |.| output (DyProMamba.head) L_SSIM can no longer hold a
+    band inverted: on the paper's bare conv its gradient pushed flipped bands further down (README).
 
     rgb (b, 3, h, w); hsi = Y^r and y3 = Y3 (b, 31, h, w); target (b, 31, h, w), read only where
     mask (b, 1, h, w, bool) is set; srf (3, 31); weights: the four weights (default LOSS_WEIGHTS).

@@ -1690,6 +1690,8 @@ def test_tiled_reconstruction_equals_whole_for_a_pixelwise_model(tile, overlap):
     (["eval", "--ckpt", "{tmp}/foreign.pt"], "foreign.pt"),
     (["fit", "--out", "{tmp}/r", "--test-scenes", "no_such_scene"], "no_such_scene"),
     (["fit", "--out", "{tmp}/r", "--device", "cuda:7"], "cuda:7"),
+    (["fit", "--out", "{tmp}/r", "--loss-weights", "phsi=1,sim=0.3"], "'sim'"),
+    (["fit", "--out", "{tmp}/r", "--exposure", "0.5"], "--exposure"),
 ])
 def test_bad_input_gives_one_sentence_naming_the_file_and_no_traceback(tmp_path, capsys, argv, words):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
@@ -1878,3 +1880,18 @@ def test_rootpoly_prior_starts_at_the_baseline_fitted_on_the_runs_labels(tmp_pat
         out = model(rgb, torch.zeros(1, 31, 16, 16))[0]
     base = torch.from_numpy(train.root_poly_features(rgb[0].permute(1, 2, 0).reshape(-1, 3).numpy()) @ expected)
     torch.testing.assert_close(out[0].permute(1, 2, 0).reshape(-1, 31), base.float().abs(), rtol=1e-3, atol=1e-4)
+
+
+def test_a_checkpoint_from_before_the_output_fix_keeps_its_linear_head(tmp_path):
+    """Guards against an old run silently re-read with the new defaults (|.| output, label patches):
+    a checkpoint without those fields is the paper's linear head on grid patches."""
+    root = _demo_dir(tmp_path)
+    run = tmp_path / "run"
+    assert train.main(["fit", "--data", str(root), "--out", str(run), "--epochs", "1", "--test-scenes", "demo_02",
+                       "--output", "linear", "--no-label-patches", *FAST]) == 0
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    del ckpt["model_config"]["output"], ckpt["train_config"]["label_patches"]
+    torch.save(ckpt, run / "old.pt")
+    old = train.load_checkpoint(str(run / "old.pt"))
+    assert old["model_config"]["output"] == "linear" and old["train_config"]["label_patches"] is False
+    assert train.build_model(old, torch.device("cpu")).cfg.output == "linear"
