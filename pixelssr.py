@@ -60,7 +60,7 @@ class Config:
     points: str = "gamma"           # "gamma", "gaussian" or "zeros": the input point spectra (Table 3)
     # the output layer (see DyProMamba.head): "abs" = |conv3(.)|, non-negative as spectra are, yet never
     # saturated (its gradient is +-1 everywhere) and blind to the sign a band's weights happen to take;
-    # "linear" = the paper's bare conv3, whose bands trained networks flipped (README, "Training fixes")
+    # "linear" = the paper's bare conv3, whose bands trained networks flipped (README, "What training fixes")
     output: str = "abs"
     # "rootpoly" (opt-in, beyond the paper): Y^r = |M(X) + correction|, M the root-polynomial map fitted
     # on the run's labelled pixels (a (6, 31) buffer, saved with the weights), the correction zero at
@@ -388,11 +388,12 @@ class DyProMamba(nn.Module):
         """Y^r from the last conv's (b, 31, h, w) output: plus the root-polynomial prior M(X) when there is
         one, then |.| unless cfg.output is the paper's "linear".
 
-        Why |.|: with a bare conv (the paper's form) trained networks flipped whole bands negative, a
-        minimum L_SSIM cannot see (SSIM(x, -x) = SSIM(x, x) up to C1, C2) that the clamp at evaluation
-        turns black. Spectra are non-negative; softplus makes them so but saturates, and measured runs
-        then parked bands at exactly 0 where no gradient reaches. |.| is non-negative, its gradient is
-        +-1 everywhere, and a band whose weights flipped sign still comes out right."""
+        Why |.|: with a bare conv (the paper's form) trained networks flipped whole bands negative, and
+        the clamp at evaluation turned them black. L_SSIM over adjacent bands defends such a band: where
+        a band has texture, both of SSIM's factors change sign with it, so SSIM(x, -x) ~ SSIM(x, x).
+        Spectra are non-negative; softplus makes them so but saturates, and a measured run then parked
+        21 bands at exactly 0, where no gradient reaches. |.| is non-negative, its gradient is +-1
+        everywhere, and a band whose weights flip sign comes out unchanged."""
         if self.prior is not None:
             y = y + torch.einsum("fn,bfhw->bnhw", self.prior, root_poly_features(rgb, dim=1))
         return y.abs() if self.cfg.output == "abs" else y
