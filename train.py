@@ -419,13 +419,21 @@ def fit(args) -> Path:
     return out / ("best.pt" if val_scenes else "last.pt")
 
 
-def root_poly_prior(labels: dict) -> np.ndarray:
-    """The (6, 31) root-polynomial map of --prior rootpoly, fitted on the run's labelled pixels (all scenes)."""
+def labels_root_poly(labels: dict) -> tuple[np.ndarray | None, int]:
+    """(the (6, 31) root-polynomial map fitted on the run's labelled pixels of all scenes, or None when
+    there are fewer than its 6 terms; the number of labelled pixels). The baseline of eval and the map
+    of --prior rootpoly are this one fit."""
     rgb = torch.cat([v["rgb"] for v in labels.values()]).numpy()
     spectra = torch.cat([v["spectra"] for v in labels.values()]).numpy()
-    if len(rgb) < 6:
-        raise data.SceneError(f"--prior rootpoly needs at least 6 labelled pixels to fit its 6 terms, the run has {len(rgb)}.")
-    return fit_root_poly(rgb, spectra).astype(np.float32)
+    return (fit_root_poly(rgb, spectra) if len(rgb) >= 6 else None), len(rgb)
+
+
+def root_poly_prior(labels: dict) -> np.ndarray:
+    """The (6, 31) map of --prior rootpoly, as float32 for the model's buffer."""
+    rp, n = labels_root_poly(labels)
+    if rp is None:
+        raise data.SceneError(f"--prior rootpoly needs at least 6 labelled pixels to fit its 6 terms, the run has {n}.")
+    return rp.astype(np.float32)
 
 
 # -----------------------------------------------------------------------------
@@ -481,12 +489,10 @@ def evaluate(args) -> dict:
     if set(names) & set(ckpt["split"]["train"]):
         print(f"warning: {sorted(set(names) & set(ckpt['split']['train']))} were training scenes.")
     # the classical floor: root-polynomial regression fitted on the very same labelled pixels
-    lab_rgb = torch.cat([v["rgb"] for v in ckpt["labels"].values()]).numpy()
-    lab_spec = torch.cat([v["spectra"] for v in ckpt["labels"].values()]).numpy()
-    rp = fit_root_poly(lab_rgb, lab_spec) if len(lab_rgb) >= 6 else None
+    rp, n_labels = labels_root_poly(ckpt["labels"])
     out = Path(args.out)
     report = {"checkpoint": str(args.ckpt), "label_ratio": cfg.label_ratio,
-              "labelled_pixels": int(len(lab_rgb)), "seeds": list(range(args.seeds)),
+              "labelled_pixels": n_labels, "seeds": list(range(args.seeds)),
               "psnr_convention": "psnr: 10 log10(1/MSE) over the whole cube per image; psnr_bandwise: mean of per-band PSNR",
               "overall_convention": "per seed the mean over scenes; then mean and std over seeds",
               "bands_convention": "per scene, mean over seeds: band_rmse of the output clamped to [0, 1], "
