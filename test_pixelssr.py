@@ -1389,13 +1389,10 @@ def _demo_dir(tmp_path):
     return _scene_dir(tmp_path, {n: c[:48, :48] for n, c in data.demo_scenes(n=3, size=64)})
 
 
-def _weights(path) -> dict:
-    return torch.load(path, weights_only=True)["model"]
-
-
-def test_fit_resumed_after_a_crash_mid_epoch_ends_with_the_same_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["--ema", "0.9"]], ids=["plain", "ema"])
+def test_fit_resumed_after_a_crash_mid_epoch_ends_with_the_same_weights(tmp_path, monkeypatch, extra):
     root = _demo_dir(tmp_path)
-    args = ["fit", "--data", str(root), "--epochs", "3", "--test-scenes", "demo_02", *FAST]
+    args = ["fit", "--data", str(root), "--epochs", "3", "--test-scenes", "demo_02", *FAST, *extra]
     assert train.main(args + ["--out", str(tmp_path / "straight")]) == 0
 
     calls, real_loss = [0], P.pixel_ssr_loss
@@ -1413,8 +1410,48 @@ def test_fit_resumed_after_a_crash_mid_epoch_ends_with_the_same_weights(tmp_path
     monkeypatch.setattr(P, "pixel_ssr_loss", real_loss)
     assert train.main(args + ["--out", str(tmp_path / "crashed"), "--resume"]) == 0
 
-    straight, resumed = _weights(tmp_path / "straight" / "last.pt"), _weights(tmp_path / "crashed" / "last.pt")
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "crashed" / "last.pt", weights_only=True)
+    for key in ("model", "ema") if extra else ("model",):  # the weight average resumes exactly too
+        assert all(torch.equal(straight[key][k], resumed[key][k]) for k in straight[key])
+
+
+def test_learning_curve_starts_at_the_untrained_network_and_ends_at_the_saved_one(tmp_path):
+    """--val-every N logs the validation PSNR at step 0, every N steps and at the end; the first point is
+    the network before any step, the last is the one in last.pt."""
+    root = _demo_dir(tmp_path)
+    out = tmp_path / "run"
+    assert train.main(["fit", "--data", str(root), "--out", str(out), "--epochs", "2", "--val-every", "1",
+                       "--test-scenes", "demo_02", "--val-scenes", "demo_01", *FAST]) == 0
+    curve = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r["val_psnr"]) for r in curve if "val_psnr" in r]
+    ckpt = train.load_checkpoint(str(out / "last.pt"))
+    assert [s for s, _ in curve] == list(range(ckpt["step"] + 1))
+    cfg, srf = train.TrainConfig(**ckpt["train_config"]), torch.from_numpy(data.srf_matrix())
+    val = {"demo_01": np.load(root / "demo_01.npy")}
+    torch.manual_seed(cfg.seed)
+    untrained = P.DyProMamba(P.Config(**ckpt["model_config"]))
+    for model, (_, psnr) in ((untrained, curve[0]), (train.build_model(ckpt, torch.device("cpu")), curve[-1])):
+        assert train.validate(model, val, srf, cfg, ckpt["gamma"], "gamma") == pytest.approx(psnr, abs=1e-9)
+
+
+def test_ema_is_the_decayed_average_of_the_weights():
+    torch.manual_seed(0)
+    ema, model = P.DyProMamba(P.Config()), P.DyProMamba(P.Config())
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    train.update_ema(ema, model, 0.75)
+    for k, v in ema.state_dict().items():  # ema <- 0.75 ema + 0.25 model
+        torch.testing.assert_close(v, 0.75 * before[k] + 0.25 * model.state_dict()[k], rtol=1e-6, atol=1e-7)
+
+
+def test_eval_builds_the_weight_average_when_the_run_kept_one(tmp_path):
+    root = _demo_dir(tmp_path)
+    assert train.main(["fit", "--data", str(root), "--out", str(tmp_path / "run"), "--epochs", "1", "--ema", "0.5",
+                       "--test-scenes", "demo_02", *FAST]) == 0
+    ckpt = train.load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])
+    built = train.build_model(ckpt, torch.device("cpu")).state_dict()
+    assert all(torch.equal(built[k], ckpt["ema"][k]) for k in built)
 
 
 def test_label_sets_are_fixed_counted_and_drawn_only_from_training_scenes(tmp_path):

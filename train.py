@@ -26,6 +26,7 @@ root-polynomial map of the classical baseline (and of the opt-in --prior rootpol
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -61,6 +62,7 @@ class TrainConfig:
     loss_weights: str = "phsi=1,rep=1,ssim=0.3,p2i=0.3"  # Eq. (15): 1, beta1, beta2, beta3
     warmup: int = 0                 # linear lr warm-up steps (the paper has none)
     exposure: float = 1.0           # > 1: scale each sample's RGB and spectra by a factor in [1/k, k]
+    ema: float = 0.0                # > 0: validate, save and evaluate an average of the weights with this decay
 
 
 # -----------------------------------------------------------------------------
@@ -123,8 +125,9 @@ def load_checkpoint(path: str) -> dict:
 
 
 def build_model(ckpt: dict, device: torch.device) -> P.DyProMamba:
+    """The network a checkpoint is evaluated with: its weight average when the run kept one (--ema)."""
     model = P.DyProMamba(P.Config(**ckpt["model_config"])).to(device)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"])
     return model.eval()
 
 
@@ -311,6 +314,14 @@ def train_step(model, optimizer, batch, points, srf, lr: float, weights: dict) -
     return loss, terms
 
 
+@torch.no_grad()
+def update_ema(ema: P.DyProMamba, model: P.DyProMamba, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, weights and buffers alike (the prior map is a buffer
+    that never changes, so averaging it is a no-op)."""
+    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+        e.lerp_(m, 1 - decay)
+
+
 def validate(model, val_scenes: dict, srf: torch.Tensor, cfg: "TrainConfig", gamma, points: str) -> float:
     """Mean whole-image PSNR over the validation scenes and cfg.val_seeds Gamma draws each."""
     model.eval()
@@ -331,9 +342,9 @@ def fit(args) -> Path:
     else:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
         parse_weights(cfg.loss_weights)  # a typo stops the run here, not after the data is read
-        if cfg.exposure < 1 or cfg.warmup < 0 or cfg.val_every < 0:
+        if cfg.exposure < 1 or cfg.warmup < 0 or cfg.val_every < 0 or not 0 <= cfg.ema < 1:
             raise ValueError(f"--exposure must be >= 1 (got {cfg.exposure}), --warmup and --val-every >= 0 "
-                             f"(got {cfg.warmup}, {cfg.val_every}).")
+                             f"(got {cfg.warmup}, {cfg.val_every}), --ema in [0, 1) (got {cfg.ema}).")
         mcfg = P.Config(points=cfg.points, output=args.output, prior=args.prior)
         train, val, test = data.split_scenes(scene_names(args.data), args.test_scenes, args.val_scenes)
         split = {"train": train, "val": val, "test": test}
@@ -361,13 +372,26 @@ def fit(args) -> Path:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best, total_steps = ckpt["step"], ckpt["best_psnr"], ckpt["total_steps"]
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None  # the weights validated and saved for eval
+    if ema is not None and ckpt is not None:
+        ema.load_state_dict(ckpt["ema"])
     srf_dev, weights = srf.to(device), parse_weights(cfg.loss_weights)
 
     def checkpoint(path: Path) -> None:
         save_atomic({"model_config": dataclasses.asdict(mcfg), "train_config": dataclasses.asdict(cfg),
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                      "total_steps": total_steps, "best_psnr": best, "data": args.data, "split": split, "labels": labels,
-                     "gamma": list(gamma)}, path)
+                     "gamma": list(gamma), **({"ema": ema.state_dict()} if ema is not None else {})}, path)
+
+    def validation() -> None:
+        """Log the validation PSNR at this step (a learning curve) and keep the best state as best.pt."""
+        nonlocal best
+        psnr = validate(model if ema is None else ema, val_scenes, srf, cfg, gamma, mcfg.points)
+        log.write(json.dumps({"step": step, "val_psnr": psnr}) + "\n")
+        log.flush()
+        if psnr > best:
+            best = psnr
+            checkpoint(out / "best.pt")
 
     print(f"training on {len(split['train'])} scenes ({', '.join(split['train'])}), "
           f"{sum(len(v['coords']) for v in labels.values())} labelled pixels, {len(dataset)} patches/epoch, "
@@ -379,6 +403,8 @@ def fit(args) -> Path:
     budget = Budget(cfg.max_minutes, sized=cfg.max_minutes > 0 and not args.epochs_given and ckpt is None)
     pbar = tqdm(total=total_steps, initial=step, dynamic_ncols=True)
     first = step
+    if val_scenes and cfg.val_every and step == 0:  # the curve starts where training does
+        validation()
     while step < total_steps:
         epoch, i = divmod(step, steps_per_epoch)
         order = torch.randperm(len(dataset), generator=seeded(cfg.seed, epoch))
@@ -392,6 +418,8 @@ def fit(args) -> Path:
         if not torch.isfinite(loss):
             raise data.SceneError(f"{out}: the loss became {loss.item()} at step {step}; "
                                   f"{out / 'last.pt'} holds the last good state.")
+        if ema is not None:
+            update_ema(ema, model, cfg.ema)
         step += 1
         total_steps = budget.total_steps(step, step - first, total_steps)
         pbar.total = total_steps
@@ -402,12 +430,7 @@ def fit(args) -> Path:
         out_of_time = budget.out_of_time()
         end_of_epoch = step % steps_per_epoch == 0 or step == total_steps or out_of_time
         if val_scenes and (end_of_epoch or (cfg.val_every and step % cfg.val_every == 0)):
-            psnr = validate(model, val_scenes, srf, cfg, gamma, mcfg.points)
-            log.write(json.dumps({"step": step, "val_psnr": psnr}) + "\n")
-            log.flush()
-            if psnr > best:
-                best = psnr
-                checkpoint(out / "best.pt")
+            validation()
         if end_of_epoch:
             checkpoint(out / "last.pt")
         if out_of_time:
@@ -574,6 +597,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("val_every", "warmup"):
         f.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     f.add_argument("--exposure", type=float, default=d.exposure, help="exposure augmentation factor k >= 1")
+    f.add_argument("--ema", type=float, default=d.ema, help="decay of a weight average used for eval (0: none)")
     f.add_argument("--loss-weights", default=d.loss_weights, help="Eq. (15) weights, e.g. phsi=1,rep=1,ssim=0.3,p2i=0.3")
     f.add_argument("--label-patches", action=argparse.BooleanOptionalAction, default=d.label_patches,
                    help="cut each training patch around a labelled pixel (the label set stays fixed)")
