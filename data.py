@@ -4,7 +4,8 @@ Data for Pixel-SSR: hyperspectral scenes, RGB rendering, label sets, training pa
 Paper: "From Image- to Pixel-level: Label-efficient Hyperspectral Image Reconstruction" (Leng et al.,
 2025). The network sees an RGB image X and learns a 31-band HSI (400-700 nm in 10 nm steps) from a
 few measured point spectra per scene. This file prepares everything it sees:
-  - reading scenes: CAVE folders of PNG bands as downloaded, .mat and .npy cubes      load_scene
+  - reading scenes: CAVE folders of PNG bands as downloaded, .mat (v5, and v7.3 as
+    NTIRE / ARAD and ICVL ship them) and .npy cubes                                   load_scene
   - the CAVE protocol: 12 fixed test scenes, the other 20 train                      find_scenes, split_scenes
   - RGB from HSI with a spectral response S, X = S.Y (the projection of L_rep, Eq. (14))  srf_matrix, rgb_from_hsi
   - the label budget of Sec. 3.1, Eq. (2): max(1, floor(omega.H.W)) fixed pixels per
@@ -27,6 +28,7 @@ import re
 import zlib
 from pathlib import Path
 
+import h5py
 import numpy as np
 import scipy.io
 import torch
@@ -300,34 +302,73 @@ def _load_png_folder(path: Path) -> np.ndarray:
     return np.stack(planes, axis=-1)
 
 
-def _read_mat(path: Path) -> np.ndarray:
-    try:
-        mat = scipy.io.loadmat(path)
-    except NotImplementedError:  # scipy's answer to MATLAB v7.3 files, which are HDF5
-        raise SceneError(f"{path}: a MATLAB v7.3 (HDF5) file, which scipy cannot read; re-save it in "
-                         f"MATLAB with save(file, var, '-v7') or convert it to .npy") from None
-    except Exception as e:  # scipy signals broken files with many exception types (ValueError, IndexError, ...)
-        raise SceneError(f"{path}: not a readable .mat file ({str(e).rstrip('.')})") from None
-    arrays = {k: v for k, v in mat.items() if not k.startswith("__") and isinstance(v, np.ndarray)}
+def _one_cube(arrays: dict[str, np.ndarray], path: Path) -> tuple[str, np.ndarray]:
+    """The one 3-D array with 31 bands (first or last axis) among a file's variables, or SceneError."""
     cubes = [k for k, v in arrays.items() if v.ndim == 3 and BANDS in (v.shape[0], v.shape[-1])]
     if len(cubes) != 1:
         found = ", ".join(f"{k} {v.shape}" for k, v in arrays.items()) or "no arrays"
         raise SceneError(f"{path}: expected exactly one 3-D array with 31 bands, found {found}")
-    return arrays[cubes[0]]
+    return cubes[0], arrays[cubes[0]]
 
 
-def _read_npy(path: Path) -> np.ndarray:
+def _check_wavelengths(arrays: dict[str, np.ndarray], path: Path) -> None:
+    """NTIRE / ARAD and ICVL files carry their band centres as `bands`; a set other than 400:10:700 nm
+    (Harvard's 420-720, say) is refused rather than read as if it were."""
+    for key in ("bands", "wavelengths"):
+        nm = arrays.get(key)
+        if nm is not None and nm.size == BANDS and not np.allclose(np.sort(nm.ravel()), WAVELENGTHS, atol=0.5):
+            raise SceneError(f"{path}: its {key} run from {nm.min():g} to {nm.max():g} nm, not the 31 bands "
+                             f"400-700 nm in 10 nm steps this model reads; resample the spectra to 400:10:700 nm")
+
+
+# Full scale of the float cubes of known MATLAB v7.3 sources, by variable name: NTIRE 2020 / 2022 (ARAD)
+# ship `cube` already normalised to [0, 1] by the organisers (their `norm_factor`), ICVL and NTIRE 2018
+# ship `rad`, the raw counts of a 12-bit camera. Other names, and integer data, follow _as_cube's rule.
+_V73_SCALE = {"cube": 1.0, "rad": 4095.0}
+
+
+def _read_mat_v73(path: Path) -> tuple[np.ndarray, float | None]:
+    """A MATLAB v7.3 file (HDF5) through h5py. HDF5 stores MATLAB's column-major arrays with the
+    dimensions reversed: ARAD's 482 x 512 x 31 `cube` is a (31, 512, 482) dataset. Reversing every
+    dataset's axes gives back the array as MATLAB shows it, (H, W, bands), whatever the source."""
+    try:
+        with h5py.File(path, "r") as f:
+            arrays = {k: np.asarray(v).T for k, v in f.items()  # groups (structs, cells' #refs#) are skipped
+                      if isinstance(v, h5py.Dataset) and v.dtype.kind in "iuf"}
+    except Exception as e:  # h5py signals broken files with OSError, KeyError, ...
+        raise SceneError(f"{path}: a MATLAB v7.3 (HDF5) file h5py cannot read ({str(e).rstrip('.')})") from None
+    name, cube = _one_cube(arrays, path)
+    _check_wavelengths(arrays, path)
+    return cube, _V73_SCALE.get(name)
+
+
+def _read_mat(path: Path) -> tuple[np.ndarray, float | None]:
+    try:
+        mat = scipy.io.loadmat(path)
+    except NotImplementedError:  # scipy's answer to MATLAB v7.3 files, which are HDF5
+        return _read_mat_v73(path)
+    except Exception as e:  # scipy signals broken files with many exception types (ValueError, IndexError, ...)
+        raise SceneError(f"{path}: not a readable .mat file ({str(e).rstrip('.')})") from None
+    arrays = {k: v for k, v in mat.items() if not k.startswith("__") and isinstance(v, np.ndarray)}
+    _, cube = _one_cube(arrays, path)
+    _check_wavelengths(arrays, path)
+    return cube, None
+
+
+def _read_npy(path: Path) -> tuple[np.ndarray, None]:
     try:
         a = np.load(path, allow_pickle=False)  # no pickles: a data file must not run code
     except (ValueError, OSError, EOFError) as e:
         raise SceneError(f"{path}: not a readable .npy file ({str(e).rstrip('.')})") from None
     if not isinstance(a, np.ndarray):  # an .npz archive saved under a .npy name
         raise SceneError(f"{path}: an .npz archive, not a single .npy array")
-    return a
+    return a, None
 
 
-def _as_cube(a: np.ndarray, path: Path) -> np.ndarray:
+def _as_cube(a: np.ndarray, path: Path, scale: float | None = None) -> np.ndarray:
     """A stored array -> (H, W, 31) float32 in [0, 1], or SceneError.
+
+    scale: the full scale its source defines for float data (see _V73_SCALE); None: the rule below.
 
     (31, H, W) is accepted and moved to (H, W, 31): PyTorch code and h5py exports store bands first.
     When both ends have 31, (H, W, 31) wins. Integers are divided by their type's maximum (uint16 by
@@ -349,7 +390,7 @@ def _as_cube(a: np.ndarray, path: Path) -> np.ndarray:
         if bad:
             raise SceneError(f"{path}: cube holds {bad} non-finite values (NaN or inf)")
         peak = float(a.max())
-        scale = 1.0 if peak <= 1 else 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+        scale = scale or (1.0 if peak <= 1 else 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak)
     # reflectance is non-negative; processed cubes carry small negative values from noise and unmixing
     return np.ascontiguousarray(np.clip(a.astype(np.float32) / np.float32(scale), 0, 1))
 
@@ -359,7 +400,9 @@ def load_scene(path) -> np.ndarray:
 
     path: a CAVE scene folder as downloaded (the outer <scene>_ms/ or the inner <scene>_ms/<scene>_ms/,
     one <scene>_ms_NN.png per band, 16-bit / 65535 or 8-bit / 255), a .mat file (the one 3-D array with
-    31 bands, any variable name) or a .npy file. Raises SceneError naming the file for anything else.
+    31 bands, any variable name; MATLAB v5 through scipy, v7.3 (NTIRE 2020 / 2022, ARAD-1K, ICVL)
+    through h5py) or a .npy file. Raises SceneError naming the file for anything else, a `bands`
+    vector other than 400:10:700 nm included.
     """
     path = Path(path)
     if not path.exists():
@@ -370,7 +413,8 @@ def load_scene(path) -> np.ndarray:
     if path.suffix.lower() not in readers:
         raise SceneError(f"{path}: unsupported file type {path.suffix!r}, expected a CAVE folder of PNG "
                          f"bands, a .mat or a .npy file")
-    return _as_cube(readers[path.suffix.lower()](path), path)
+    a, scale = readers[path.suffix.lower()](path)
+    return _as_cube(a, path, scale)
 
 
 def load_rgb(path) -> np.ndarray:

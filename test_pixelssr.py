@@ -1137,6 +1137,57 @@ def test_data_mat_v73_error(tmp_path):
     assert "hdf.mat" in msg and "v7.3" in msg
 
 
+def _write_mat_v73(path: Path, variables: dict[str, np.ndarray]) -> None:
+    """A MATLAB v7.3 MAT-file as MATLAB writes one: an HDF5 file behind a 512-byte user block that
+    starts with the MAT header, each variable a dataset holding the column-major array, i.e. with
+    its dimensions reversed (MATLAB's 482 x 512 x 31 is a (31, 512, 482) dataset)."""
+    import h5py
+    with h5py.File(path, "w", userblock_size=512) as f:
+        for name, a in variables.items():
+            f.create_dataset(name, data=np.asarray(a).T)
+            f[name].attrs["MATLAB_class"] = np.bytes_({"f": "single" if a.dtype == np.float32 else "double",
+                                                      "u": f"uint{8 * a.dtype.itemsize}"}[a.dtype.kind])
+    with open(path, "r+b") as f:
+        f.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .".ljust(116) + bytes(8) + b"\0\2IM")
+
+
+def _asymmetric_cube(h: int = 5, w: int = 4) -> np.ndarray:
+    """(h, w, 31) in (0, 1), every value different and growing with row, then column, then band: any
+    transposition or reversal of the axes reads back as something else. Multiples of 1/65535, so that
+    16-bit storage holds them exactly."""
+    return (np.arange(1, h * w * 31 + 1).reshape(h, w, 31) * (65535 // (h * w * 31 + 1)) / 65535)
+
+
+_NM = data.WAVELENGTHS.astype(np.float64)[None]  # (1, 31), as MATLAB stores a row vector
+
+
+@pytest.mark.parametrize("layout", ["ntire2022_arad", "ntire2020", "icvl", "uint16", "bands_first"])
+def test_data_mat_v73_layouts_read_back_in_orientation_and_scale(tmp_path, layout):
+    """Each layout MATLAB v7.3 files come in reads back as the (H, W, 31) cube MATLAB shows, scaled as its
+    source defines: NTIRE 2020 / 2022 (ARAD-1K) `cube` floats as they are, ICVL `rad` 12-bit counts
+    by 4095, integers by their type's maximum."""
+    truth = _asymmetric_cube()
+    variables = {
+        "ntire2022_arad": {"cube": truth.astype(np.float32), "bands": _NM, "norm_factor": np.array([[0.42]])},
+        "ntire2020": {"cube": truth.astype(np.float32), "bands": _NM.T},
+        "icvl": {"rad": truth * 4095, "bands": _NM, "rgb": np.zeros((5, 4, 3), np.uint8)},
+        "uint16": {"hsi": np.round(truth * 65535).astype(np.uint16)},
+        "bands_first": {"cube": np.moveaxis(truth, -1, 0).astype(np.float32)},
+    }[layout]
+    _write_mat_v73(tmp_path / "scene.mat", variables)
+    np.testing.assert_allclose(data.load_scene(tmp_path / "scene.mat"), truth, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("variables,words", [
+    ({"rgb": np.zeros((5, 4, 3)), "cube": np.zeros((5, 4, 30))}, ["31 bands", "rgb (5, 4, 3)"]),
+    ({"ref": np.zeros((5, 4, 31)), "bands": np.arange(420.0, 721, 10)[None]}, ["420 to 720 nm", "400:10:700"]),
+])
+def test_data_mat_v73_without_a_400_700_nm_cube_is_one_sentence(tmp_path, variables, words):
+    _write_mat_v73(tmp_path / "odd.mat", variables)
+    msg = _data_error(tmp_path / "odd.mat")
+    assert "odd.mat" in msg and all(w in msg for w in words) and "\n" not in msg
+
+
 def test_data_mat_bands_first_moved(tmp_path):
     cube = np.random.default_rng(0).integers(0, 65536, (31, 5, 4)).astype(np.uint16)
     scipy.io.savemat(tmp_path / "t.mat", {"orig": cube})
