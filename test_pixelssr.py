@@ -973,11 +973,13 @@ def _np_metrics(pred: np.ndarray, target: np.ndarray) -> dict:
     mse = ((p - t) ** 2).mean()
     band_mse = ((p - t) ** 2).mean(axis=(1, 2))
     pf, tf = p.reshape(31, -1).T, t.reshape(31, -1).T
-    cos = [np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-8) for a, b in zip(pf, tf)]
+    cos = [1.0 if not (a.any() or b.any()) else np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-8)
+           for a, b in zip(pf, tf)]  # two black pixels agree
     return {"rmse": math.sqrt(mse), "psnr": 10 * math.log10(1 / mse),
             "psnr_bandwise": float(np.mean(10 * np.log10(1 / band_mse))),
             "ssim": float(np.mean([_np_ssim_band(a, b) for a, b in zip(p, t)])),
-            "sam": float(np.mean(np.degrees(np.arccos(np.clip(cos, -1, 1)))))}
+            "sam": float(np.mean(np.degrees(np.arccos(np.clip(cos, -1, 1))))),
+            "mrae": float(np.mean(np.abs(p - t) / np.maximum(t, 1e-3)))}  # the stated guard: max(t, 1e-3)
 
 
 @settings(max_examples=10, deadline=None)
@@ -996,7 +998,7 @@ def test_metrics_average_per_image_over_a_batch():
     rng = np.random.default_rng(0)
     target = rng.random((2, 31, 12, 12))
     pred = target + rng.uniform(0, 0.2, (2, 1, 1, 1)) * rng.standard_normal((2, 31, 12, 12))
-    for name in ("rmse", "psnr", "psnr_bandwise", "ssim", "sam"):
+    for name in ("rmse", "psnr", "psnr_bandwise", "ssim", "sam", "mrae"):
         fn = getattr(P, name)
         batch = fn(torch.from_numpy(pred), torch.from_numpy(target)).item()
         single = np.mean([fn(torch.from_numpy(p), torch.from_numpy(t)).item() for p, t in zip(pred, target)])
@@ -1010,6 +1012,28 @@ def test_metrics_of_identical_images_are_perfect(h, w, seed):
     assert P.rmse(x, x).item() == 0 and P.psnr(x, x).item() == math.inf
     assert P.ssim(x, x).item() == pytest.approx(1, abs=1e-12)
     assert P.sam(x, x).item() == pytest.approx(0, abs=1e-5)  # arccos near 1 amplifies rounding
+
+
+@settings(max_examples=10, deadline=None)
+@given(h=st.integers(11, 16), w=st.integers(11, 16), seed=st.integers(0, 10**6))
+def test_sam_and_mrae_with_black_pixels_and_zero_values_match_numpy(h, w, seed):
+    """Black pixels in the truth, the prediction or both, and zero values in single bands (8-bit CAVE
+    copies hold many): SAM counts a pixel black in both as 0 degrees, MRAE divides by max(truth, 1e-3)."""
+    rng = np.random.default_rng(seed)
+    target = rng.random((31, h, w)) * (rng.random((31, h, w)) > 0.1)  # ~10 % of values exactly 0
+    pred = np.clip(target + 0.05 * rng.standard_normal((31, h, w)), 0, 1)
+    black = rng.integers(0, 3, (h, w))  # 0: neither, 1: the truth, 2: both
+    target[:, black >= 1], pred[:, black == 2] = 0, 0
+    ref = _np_metrics(pred, target)
+    for name in ("sam", "mrae"):
+        got = getattr(P, name)(torch.from_numpy(pred), torch.from_numpy(target)).item()
+        assert got == pytest.approx(ref[name], rel=1e-9), name
+
+
+def test_sam_of_an_image_with_itself_is_zero_even_where_it_is_black():
+    x = torch.rand(31, 12, 12, dtype=torch.float64)
+    x[:, :3] = 0
+    assert P.sam(x, x).item() == pytest.approx(0, abs=1e-5)
 
 
 def test_sam_resolves_small_angles_in_float32():
@@ -1618,7 +1642,7 @@ def _scene_points(cubes: list[torch.Tensor], hw: tuple[int, int]) -> list[torch.
 def test_fit_eval_predict_end_to_end_on_real_crops(real_run, tmp_path):
     run, ev, pr, report = real_run.run, real_run.eval, tmp_path / "pred", real_run.report
     assert list(report["scenes"]) == [_REAL_TEST] and report["seeds"] == [0, 1]
-    assert {"rmse", "psnr", "psnr_bandwise", "ssim", "sam"} <= set(report["overall"])
+    assert {"rmse", "psnr", "psnr_bandwise", "ssim", "sam", "mrae"} <= set(report["overall"])
     assert set(real_run.ckpt) == set(train.CHECKPOINT_KEYS)
     assert "root_poly_baseline" in report  # 115 labelled pixels in 3 scenes: enough to fit it
     cube = data.load_scene(ev / _REAL_TEST / "cube.mat")

@@ -178,8 +178,9 @@ def reconstruct(model: P.DyProMamba, rgb: torch.Tensor, points: torch.Tensor, ti
 
 
 def metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """The paper's four metrics (plus band-wise PSNR) on one whole (31, H, W) image."""
-    fns = {"rmse": P.rmse, "psnr": P.psnr, "psnr_bandwise": P.psnr_bandwise, "ssim": P.ssim, "sam": P.sam}
+    """The paper's four metrics (plus band-wise PSNR, and NTIRE's MRAE) on one whole (31, H, W) image."""
+    fns = {"rmse": P.rmse, "psnr": P.psnr, "psnr_bandwise": P.psnr_bandwise, "ssim": P.ssim, "sam": P.sam,
+           "mrae": P.mrae}
     pred, target = pred.double().cpu(), target.double().cpu()
     return {k: float(f(pred, target)) for k, f in fns.items()}
 
@@ -494,6 +495,8 @@ def evaluate(args) -> dict:
     report = {"checkpoint": str(args.ckpt), "label_ratio": cfg.label_ratio,
               "labelled_pixels": n_labels, "seeds": list(range(args.seeds)),
               "psnr_convention": "psnr: 10 log10(1/MSE) over the whole cube per image; psnr_bandwise: mean of per-band PSNR",
+              "mrae_convention": f"mrae: mean over pixels and bands of |pred - truth| / max(truth, {P.MRAE_EPS:g}), "
+                                 f"per image; sam: a pixel black in both is 0 degrees",
               "overall_convention": "per seed the mean over scenes; then mean and std over seeds",
               "bands_convention": "per scene, mean over seeds: band_rmse of the output clamped to [0, 1], "
                                   "band_raw_mean of the raw (unclamped) output, true_mean of the truth",
