@@ -236,12 +236,32 @@ _DEEP_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": 65535, "F": 1
 _PLAIN_MODES = ("L", "LA", "RGB", "RGBA")  # 8-bit modes numpy reads as they are
 
 
+def _png_16bit_colour(path: Path, rawmode: str) -> np.ndarray:
+    """A 16-bit colour PNG at its full precision: (H, W, 3 or 4) float32 in [0, 1].
+
+    Pillow has no 16-bit colour mode: it unfilters the PNG's big-endian samples and keeps each one's
+    high byte (rawmode "RGB;16B"). Decoding the same data again as little-endian ("RGB;16L") keeps the
+    other byte, the low one; the two together are the 16-bit values. Pillow's own decoder does the
+    inflating and unfiltering both times, so nothing of PNG is re-implemented here."""
+    planes = []
+    for raw in (rawmode, rawmode.replace(";16B", ";16L")):
+        with Image.open(path) as img:
+            img.tile = [t._replace(args=raw) for t in img.tile]
+            img.load()
+            planes.append(np.asarray(img, dtype=np.float32))
+    high, low = planes
+    return (high * 256 + low) / 65535
+
+
 def _read_image(path: Path) -> np.ndarray:
-    """Any image Pillow reads -> (H, W, channels) float32 in [0, 1]. 16-bit grey is divided by 65535 and
-    8-bit by 255; palette and other modes become RGB. Pillow reads 16-bit colour PNGs at 8 bits (their
-    high byte), so such files keep 8 bits of precision. Raises SceneError naming the file."""
+    """Any image Pillow reads -> (H, W, channels) float32 in [0, 1]. 16-bit grey and 16-bit colour PNGs
+    are divided by 65535 and 8-bit images by 255; palette and other modes become RGB. Raises SceneError
+    naming the file."""
     try:
         with Image.open(path) as img:
+            rawmode = img.tile[0].args if img.format == "PNG" and len(img.tile) == 1 else None
+            if rawmode in ("RGB;16B", "RGBA;16B"):
+                return _png_16bit_colour(path, rawmode)  # PNGs keep no EXIF orientation to apply
             img.load()
             img = ImageOps.exif_transpose(img)  # phone JPEGs: the pixels as viewers show them
             if img.mode in _DEEP_MODES:
@@ -252,6 +272,13 @@ def _read_image(path: Path) -> np.ndarray:
     except Exception as e:  # Pillow signals broken files with many exception types (OSError, SyntaxError, ...)
         raise SceneError(f"{path}: not a readable image ({str(e).rstrip('.')})") from None
     return np.clip(a, 0, 1)  # "I" and "F" modes can hold values outside the 16-bit / unit range
+
+
+def bit_depth(path) -> int:
+    """Bits per sample of an image file: 16 for 16-bit PNGs (grey or colour) and deep TIFFs, else 8."""
+    with Image.open(path) as img:
+        deep = img.mode in _DEEP_MODES or (img.format == "PNG" and ";16" in str(img.tile[0].args if img.tile else ""))
+    return 16 if deep else 8
 
 
 def _band_files(folder: Path) -> dict[int, Path]:

@@ -1319,6 +1319,37 @@ def test_load_rgb_accepts_16_bit_grey_and_rgba(tmp_path):
     np.testing.assert_allclose(data.load_rgb(tmp_path / "rgba.png")[1, 2], [1, 0, 0.2], rtol=1e-6)
 
 
+def _write_png16(path: Path, a: np.ndarray) -> None:
+    """An independent 16-bit PNG encoder (Pillow cannot write 16-bit colour): a (H, W, 3 or 4) uint16
+    array, big-endian samples, rows filtered in turn with None, Sub and Up, as encoders mix them."""
+    import struct
+    import zlib
+    h, w, c = a.shape
+    rows = a.astype(">u2").view(np.uint8).reshape(h, w * c * 2)
+    bpp = 2 * c
+    out = []
+    for i, row in enumerate(rows):
+        kind = i % 3
+        prior = rows[i - 1] if i else np.zeros_like(row)
+        filtered = {0: row, 1: row - np.concatenate([np.zeros(bpp, np.uint8), row[:-bpp]]), 2: row - prior}[kind]
+        out.append(bytes([kind]) + filtered.astype(np.uint8).tobytes())
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, {3: 2, 4: 6}[c], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"".join(out)))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_load_rgb_reads_16_bit_colour_pngs_at_16_bits(tmp_path, channels):
+    a = np.random.default_rng(channels).integers(0, 65536, (7, 9, channels)).astype(np.uint16)
+    _write_png16(tmp_path / "deep.png", a)
+    np.testing.assert_array_equal(data.load_rgb(tmp_path / "deep.png") * 65535, a[..., :3].astype(np.float32))
+    assert data.bit_depth(tmp_path / "deep.png") == 16
+
+
 def test_data_load_rgb_bad_file_error(tmp_path):
     (tmp_path / "x.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(data.SceneError, match="x.jpg"):
