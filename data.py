@@ -12,7 +12,8 @@ few measured point spectra per scene. This file prepares everything it sees:
     training scene, drawn once from a seed, as a spectrometer measures fixed points   draw_label_set
   - training patches that carry their labelled pixels through crops, flips, rotations PatchDataset
   - synthetic demo scenes from measured ColorChecker spectra (no download needed)     demo_scenes
-  - reading the user's RGB images and writing results                                load_rgb, save_cube, save_png
+  - reading the user's RGB images and photos (sRGB to the model's RGB)               load_rgb, model_rgb_from_srgb
+  - writing results: .npy / .mat cubes, ENVI (.hdr + raw BSQ), PNG                  save_cube, save_envi, save_png
 
 Conventions: files and numpy arrays are (H, W, bands) as CAVE and MATLAB store them; tensors are
 (b, c, H, W); values are reflectance-like in [0, 1].
@@ -552,6 +553,43 @@ def rgb_from_hsi(hsi, srf="cie1964"):
 
 
 # -----------------------------------------------------------------------------
+# Photos: sRGB to the model's RGB
+
+# XYZ -> linear sRGB, IEC 61966-2-1 (the sRGB primaries, for the CIE 1931 observer)
+_SRGB_FROM_XYZ = np.array([[3.2406, -1.5372, -0.4986],
+                           [-0.9689, 1.8758, 0.0415],
+                           [0.0557, -0.2040, 1.0570]])
+
+
+def srgb_to_linear(a: np.ndarray) -> np.ndarray:
+    """Undo the sRGB transfer curve (IEC 61966-2-1): encoded values in [0, 1] -> linear light."""
+    a = np.asarray(a, dtype=np.float32)
+    return np.where(a <= 0.04045, a / 12.92, ((a + 0.055) / 1.055) ** 2.4).astype(np.float32)
+
+
+def linear_srgb(hsi: np.ndarray) -> np.ndarray:
+    """The linear sRGB a white-balanced camera records of spectra (..., 31) under flat light: CIE 1931
+    XYZ through the sRGB matrix, each channel scaled so that the perfect white reflector is (1, 1, 1)."""
+    xyz = np.asarray(hsi, dtype=np.float64) @ np.clip(np.array(SRF_TABLES["cie1931"]), 0, None)
+    white = _SRGB_FROM_XYZ @ np.clip(np.array(SRF_TABLES["cie1931"]), 0, None).sum(0)
+    return (xyz @ _SRGB_FROM_XYZ.T) / white
+
+
+def model_rgb_from_srgb(srf="cie1964") -> np.ndarray:
+    """(3, 3) M taking a white-balanced photo's linear sRGB to the RGB the model was trained on, S.Y.
+
+    The two are different colour spaces (S is CIE 1964 XYZ, or a camera's response, with rows summing to
+    1; sRGB has its own primaries), so a photo fed as it is comes out with the wrong colours. M is the
+    least-squares fit over the 24 measured ColorChecker spectra and the perfect white of S.Y against
+    linear_srgb: exact up to the 1931 / 1964 observers' difference for the CIE responses, the best
+    linear guess for a camera's (its raw RGB is lost in a JPEG). White maps to (nearly) white."""
+    spectra = np.concatenate([COLORCHECKER.T, np.ones((1, BANDS))])  # (25, 31)
+    s = srf_matrix(srf) if isinstance(srf, str) else np.asarray(srf)
+    m, *_ = np.linalg.lstsq(linear_srgb(spectra), spectra @ np.asarray(s, dtype=np.float64).T, rcond=None)
+    return m.T.astype(np.float32)
+
+
+# -----------------------------------------------------------------------------
 # Label sets: the label budget of Sec. 3.1, Eq. (2)
 
 def label_count(h: int, w: int, ratio: float) -> int:
@@ -716,6 +754,28 @@ def save_cube(path_stem, cube) -> tuple[Path, Path]:
     np.save(npy, cube)
     scipy.io.savemat(mat, {"cube": cube, "wavelengths": WAVELENGTHS.astype(np.float64)}, do_compression=True)
     return npy, mat
+
+
+def save_envi(path_stem, cube) -> tuple[Path, Path]:
+    """Write cube (H, W, 31) as ENVI: <path_stem>.hdr, a text header with the wavelengths, and
+    <path_stem>.img, the raw float32 little-endian values band by band (BSQ) - what ENVI, QGIS (GDAL)
+    and Spectral Python open. Returns the two paths."""
+    cube = np.asarray(cube, dtype=np.float32)
+    if cube.ndim != 3 or cube.shape[-1] != BANDS:
+        raise ValueError(f"expected a (H, W, 31) cube, got shape {cube.shape}")
+    stem = Path(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    hdr, img = stem.with_name(stem.name + ".hdr"), stem.with_name(stem.name + ".img")
+    h, w, bands = cube.shape
+    hdr.write_text("ENVI\n"
+                   "description = {pixelssr reconstruction, reflectance-like values in [0, 1]}\n"
+                   f"samples = {w}\nlines = {h}\nbands = {bands}\nheader offset = 0\n"
+                   "file type = ENVI Standard\ndata type = 4\ninterleave = bsq\nbyte order = 0\n"
+                   "wavelength units = Nanometers\n"
+                   f"wavelength = {{{', '.join(str(int(nm)) for nm in WAVELENGTHS)}}}\n")
+    # data type 4 = float32, byte order 0 = little-endian; BSQ: (bands, lines, samples)
+    img.write_bytes(np.ascontiguousarray(cube.transpose(2, 0, 1)).astype("<f4").tobytes())
+    return hdr, img
 
 
 def save_png(path, img) -> None:

@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -1365,6 +1366,35 @@ def test_data_save_cube_round_trip(tmp_path):
     np.testing.assert_array_equal(scipy.io.loadmat(mat)["wavelengths"].ravel(), data.WAVELENGTHS)
 
 
+def _read_envi(hdr: Path) -> tuple[dict, np.ndarray]:
+    """A small independent ENVI reader: the header's key = value pairs ({...} lists may span lines), then
+    the raw file beside it (.img, or the header's name without .hdr) by data type, byte order and
+    interleave -> (header, (lines, samples, bands) array)."""
+    text = hdr.read_text()
+    assert text.startswith("ENVI")
+    fields = {}
+    for key, value in re.findall(r"^\s*([^=\n]+?)\s*=\s*(\{[^}]*\}|[^\n]*)", text, re.M):
+        fields[key.lower()] = value.strip("{} \n")
+    dtype = {"1": "u1", "2": "i2", "3": "i4", "4": "f4", "5": "f8", "12": "u2"}[fields["data type"]]
+    dtype = np.dtype(dtype).newbyteorder("<" if fields.get("byte order", "0") == "0" else ">")
+    raw = next(p for p in (hdr.with_suffix(".img"), hdr.with_suffix("")) if p.is_file())
+    lines, samples, bands = (int(fields[k]) for k in ("lines", "samples", "bands"))
+    a = np.fromfile(raw, dtype=dtype, offset=int(fields.get("header offset", "0")))
+    order = {"bsq": (bands, lines, samples), "bil": (lines, bands, samples), "bip": (lines, samples, bands)}
+    a = a.reshape(order[fields["interleave"].lower()])
+    to_hwb = {"bsq": (1, 2, 0), "bil": (0, 2, 1), "bip": (0, 1, 2)}[fields["interleave"].lower()]
+    return fields, a.transpose(to_hwb)
+
+
+def test_data_envi_cube_reads_back_with_its_wavelengths(tmp_path):
+    cube = np.random.default_rng(2).random((5, 7, 31), dtype=np.float32)
+    hdr, img = data.save_envi(tmp_path / "out" / "cube", cube)
+    fields, back = _read_envi(hdr)
+    np.testing.assert_array_equal(back, cube)
+    assert fields["interleave"] == "bsq" and img.stat().st_size == cube.size * 4
+    assert [float(v) for v in fields["wavelength"].split(",")] == list(data.WAVELENGTHS)
+
+
 def test_data_save_png_8bit(tmp_path):
     data.save_png(tmp_path / "p.png", np.array([[0.0, 0.5, 2.0]]))
     img = Image.open(tmp_path / "p.png")
@@ -1758,6 +1788,104 @@ def test_root_poly_baseline_is_fitted_on_the_runs_labelled_pixels_only(real_run)
     for k, v in expected.items():
         assert report["scenes"][_REAL_TEST]["root_poly_baseline"][k] == pytest.approx(v, rel=1e-6), k
         assert report["root_poly_baseline"][k]["mean"] == pytest.approx(v, rel=1e-6), k
+
+
+def _srgb_encode(linear: np.ndarray) -> np.ndarray:
+    """The sRGB transfer curve (IEC 61966-2-1), written here independently of data.srgb_to_linear."""
+    linear = np.clip(linear, 0, 1)
+    return np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+
+
+@needs_data
+def test_an_8bit_srgb_photo_of_a_scene_decodes_to_the_models_rgb_of_that_scene(tmp_path):
+    """A white-balanced camera's 8-bit sRGB PNG of a real scene (CIE 1931 XYZ through the sRGB primaries,
+    white at (1, 1, 1), gamma-encoded) reads back, under the CIE 1931 response, as that scene's S.Y to
+    within the 8-bit quantisation. Guards against feeding gamma-encoded values or sRGB primaries as S.Y."""
+    truth = data.load_scene(DATA / "cave" / "fake_and_real_sushi_ms")[200:240:2, 180:240:2].astype(np.float64)
+    xyz = truth @ np.array(data.SRF_TABLES["cie1931"]).clip(0)
+    m = np.array([[3.2406, -1.5372, -0.4986], [-0.9689, 1.8758, 0.0415], [0.0557, -0.2040, 1.0570]])
+    white = m @ np.array(data.SRF_TABLES["cie1931"]).clip(0).sum(0)
+    srgb = xyz @ m.T / white
+    Image.fromarray(np.round(_srgb_encode(srgb) * 255).astype(np.uint8)).save(tmp_path / "photo.png")
+    rgb, kind, clipped = train.photo_rgb(str(tmp_path / "photo.png"), "auto", "cie1931")
+    expected = truth @ data.srf_matrix("cie1931").T
+    in_gamut = (srgb >= 0).all(-1)  # sRGB cannot hold the most saturated colours: a camera clips them too
+    assert kind == "srgb" and clipped == 0 and in_gamut.mean() > 0.5
+    np.testing.assert_allclose(rgb[in_gamut], expected[in_gamut], rtol=1e-2, atol=1e-3)  # half an 8-bit step
+
+
+def test_exposure_brings_the_photo_mean_to_the_training_mean_unless_its_highlights_would_pass_one():
+    train_rgb = np.full((10, 3), 0.2, np.float32)
+    dark = np.full((8, 8, 3), 0.05, np.float32)
+    gain, why = train.exposure_gain(dark, train_rgb)
+    assert gain == pytest.approx(4) and "0.2000" in why
+    dark[0, 0] = 0.5  # one pixel in 64 is brighter than the 99.9th percentile allows at x4
+    gain, why = train.exposure_gain(dark, train_rgb)
+    assert gain * np.percentile(dark, 99.9) == pytest.approx(1) and "held back" in why
+
+
+def test_photo_warnings_name_clipped_highlights_and_a_colour_cast():
+    train_rgb = np.full((10, 3), 0.3, np.float32)
+    grey, cast = np.full((4, 4, 3), 0.3, np.float32), np.full((4, 4, 3), [0.5, 0.3, 0.1], np.float32)
+    assert train.photo_warnings(grey, 0.0, train_rgb) == []
+    clipped, = train.photo_warnings(grey, 0.05, train_rgb)
+    balance, = train.photo_warnings(cast, 0.0, train_rgb)
+    assert "5.0 % of the pixels are clipped" in clipped and "channel balance" in balance
+
+
+def _predict(real_run, image: Path, out: Path, *extra: str) -> np.ndarray:
+    assert train.main(["predict", "--ckpt", str(real_run.run / "last.pt"), "--rgb", str(image), "--out", str(out),
+                       *extra]) == 0
+    return np.load(out / "cube.npy")
+
+
+@needs_data
+def test_predict_on_a_16_bit_linear_png_gives_evals_cube(real_run, tmp_path):
+    """By default predict runs a 16-bit PNG of the test scene's RGB whole, as linear S.Y at its own
+    exposure, with eval's seed-0 point cube: eval's cube, to within the PNG's 16-bit quantisation."""
+    truth = np.load(real_run.root / f"{_REAL_TEST}.npy")
+    rgb = truth @ data.srf_matrix(real_run.ckpt["train_config"]["srf"]).T
+    _write_png16(tmp_path / "rgb16.png", np.round(rgb * 65535).astype(np.uint16))
+    cube = _predict(real_run, tmp_path / "rgb16.png", tmp_path / "pred")
+    np.testing.assert_allclose(cube, np.load(real_run.eval / _REAL_TEST / "cube.npy"), atol=1e-3)
+
+
+@needs_data
+def test_predict_reads_an_odd_sized_rgba_png_as_its_rgb_and_writes_envi(real_run, tmp_path):
+    rgb = np.load(real_run.root / f"{_REAL_TEST}.npy")[:23, :37] @ data.srf_matrix("cie1964").T
+    rgb8 = np.round(_srgb_encode(rgb) * 255).astype(np.uint8)
+    Image.fromarray(rgb8).save(tmp_path / "rgb.png")
+    Image.fromarray(np.dstack([rgb8, np.full(rgb8.shape[:2], 90, np.uint8)])).save(tmp_path / "rgba.png")
+    with_alpha = _predict(real_run, tmp_path / "rgba.png", tmp_path / "a", "--envi")
+    assert with_alpha.shape == (23, 37, 31)
+    np.testing.assert_array_equal(with_alpha, _predict(real_run, tmp_path / "rgb.png", tmp_path / "b"))
+    np.testing.assert_array_equal(_read_envi(tmp_path / "a" / "cube.hdr")[1], with_alpha)
+
+
+@needs_data
+def test_predict_on_an_8bit_srgb_jpeg_prints_its_input_exposure_and_warnings(real_run, tmp_path, capsys):
+    rgb = np.load(real_run.root / f"{_REAL_TEST}.npy") @ data.srf_matrix("cie1964").T
+    photo = np.round(_srgb_encode(rgb * 60) * 255).astype(np.uint8)  # overexposed: about half the pixels clip
+    Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=90)
+    cube = _predict(real_run, tmp_path / "photo.jpg", tmp_path / "pred")
+    out = capsys.readouterr().out
+    assert cube.shape == (64, 64, 31) and "input: srgb" in out and "exposure: x" in out
+    assert "of the pixels are clipped" in out
+
+
+@needs_data
+def test_tiled_and_whole_reconstructions_of_a_real_crop_agree_within_40_db(real_run):
+    """Tiles of 32 (a quarter overlapping) against the whole 64 x 64 crop, with a trained checkpoint: the
+    scans are global, so tiles differ, but far less than this one-epoch model's own error (16 dB): 44.6 dB
+    measured; without overlap, 31.5. On fake_and_real_sushi (512 x 512, the README's checkpoint), tiles
+    of 256 agreed with the whole image to 89 dB, max difference 0.0017."""
+    truth = torch.from_numpy(np.load(real_run.root / f"{_REAL_TEST}.npy")).permute(2, 0, 1)
+    model = train.build_model(real_run.ckpt, torch.device("cpu"))
+    rgb = data.rgb_from_hsi(truth, data.srf_matrix(real_run.ckpt["train_config"]["srf"]))
+    pts = P.sample_points((1, *truth.shape), 0.01, *real_run.ckpt["gamma"], generator=train.seeded(0))[0]
+    whole = train.reconstruct(model, rgb, pts).clamp(0, 1)
+    tiled = train.reconstruct(model, rgb, pts, tile=32).clamp(0, 1)
+    assert P.psnr(tiled, whole) > 40 > P.psnr(whole, truth)
 
 
 def test_reconstruct_runs_an_image_that_fits_one_tile_whole():

@@ -151,7 +151,7 @@ def scene_names(root: str | None) -> list[str]:
 
 @torch.no_grad()
 def reconstruct(model: P.DyProMamba, rgb: torch.Tensor, points: torch.Tensor, tile: int = 0,
-                overlap: int = 32) -> torch.Tensor:
+                overlap: int | None = None) -> torch.Tensor:
     """Y^r for one image. rgb (3, H, W), points (31, H, W) -> (31, H, W), on the model's device.
 
     tile = 0 runs the whole image at once (the evaluation protocol). tile > 0 runs overlapping
@@ -164,7 +164,7 @@ def reconstruct(model: P.DyProMamba, rgb: torch.Tensor, points: torch.Tensor, ti
         return model(rgb[None], points[None])[0][0]
     out = torch.zeros(points.shape, device=dev)
     weight = torch.zeros(1, H, W, device=dev)
-    overlap = min(overlap, tile // 4)  # small tiles: keep most of each tile new
+    overlap = tile // 4 if overlap is None else min(overlap, tile // 4)  # keep most of each tile new
     step = tile - overlap
     ramp = torch.minimum(torch.arange(tile, device=dev) + 1.0, torch.arange(tile, 0, -1, device=dev).float())
     for top in sorted({*range(0, max(H - tile, 0) + 1, step), max(H - tile, 0)}):
@@ -440,11 +440,15 @@ def root_poly_prior(labels: dict) -> np.ndarray:
 # -----------------------------------------------------------------------------
 # eval and predict
 
-def write_outputs(out: Path, pred: torch.Tensor, srf: torch.Tensor, target: torch.Tensor | None = None) -> None:
-    """Cube (.npy, .mat), RGB preview, and for a known target: per-pixel RMSE map and spectral curves."""
+def write_outputs(out: Path, pred: torch.Tensor, srf: torch.Tensor, target: torch.Tensor | None = None,
+                  envi: bool = False) -> None:
+    """Cube (.npy, .mat, and with envi ENVI .hdr + .img), RGB preview, and for a known target: per-pixel
+    RMSE map and spectral curves."""
     out.mkdir(parents=True, exist_ok=True)
     cube = pred.permute(1, 2, 0).numpy()  # (H, W, 31), the on-disk layout
     data.save_cube(out / "cube", cube)
+    if envi:
+        data.save_envi(out / "cube", cube)
     data.save_png(out / "preview.png", data.rgb_from_hsi(cube, srf.numpy()))
     H, W = cube.shape[:2]
     pix = [(H // 2, W // 2), (H // 4, W // 4), (3 * H // 4, W // 4), (H // 4, 3 * W // 4), (3 * H // 4, 3 * W // 4)]
@@ -505,7 +509,7 @@ def evaluate(args) -> dict:
     for name, hsi in load_scenes(args.data, names).items():
         target = torch.from_numpy(hsi).permute(2, 0, 1)
         runs = [eval_scene(model, hsi, srf, cfg.label_ratio, gamma, points, s, args.tile) for s in range(args.seeds)]
-        write_outputs(out / name, runs[0][0], srf, target)
+        write_outputs(out / name, runs[0][0], srf, target, args.envi)
         entry = summarise([m for _, m, _ in runs])
         print(f"{name}: " + ", ".join(f"{k} {v['mean']:.4f}±{v['std']:.4f}" for k, v in entry.items()))
         # per band, mean over the seeds
@@ -533,17 +537,88 @@ def evaluate(args) -> dict:
     return report
 
 
+# A photo is not the model's RGB: it is gamma-encoded sRGB, white-balanced, exposed at will. These turn it
+# into S.Y-like values at the level the model was trained on, and say when it still looks unlike them.
+CLIPPED = 1 - 0.5 / 255    # a channel this close to full scale recorded more light than it holds
+WHOLE_MAX = 1024 * 1024    # predict runs images up to this many pixels whole, as eval does; tiles beyond
+TILE = 512                 # predict's tile beyond WHOLE_MAX; reconstruct overlaps tiles by a quarter
+BALANCE = 1.5              # warn when a channel's share of the photo's mean is this far off the training's
+
+
+def photo_rgb(path: str, kind: str, srf: str) -> tuple[np.ndarray, str, float]:
+    """(rgb (H, W, 3) in the model's space, the input kind used, fraction of pixels clipped in a channel).
+
+    kind "srgb": sRGB-encoded (8-bit JPEG / PNG, the default for them): decoded to linear light, then
+    mapped by data.model_rgb_from_srgb to S.Y. kind "linear" (the default for 16-bit files): the values
+    are the model's RGB already, S.Y as eval renders a cube, taken as they are."""
+    raw = data.load_rgb(path)
+    kind = kind if kind != "auto" else ("srgb" if data.bit_depth(path) == 8 else "linear")
+    clipped = float((raw >= CLIPPED).any(-1).mean())
+    if kind == "srgb":
+        raw = np.clip(data.srgb_to_linear(raw) @ data.model_rgb_from_srgb(srf).T, 0, None)  # out-of-gamut: 0
+    return np.ascontiguousarray(raw, dtype=np.float32), kind, clipped
+
+
+def training_rgb(ckpt: dict) -> np.ndarray:
+    """(k, 3) RGB the model was trained on: its labelled pixels' (an unbiased sample of the training RGB);
+    with no labels, (1, 3) grey at the Gamma's mean, which was then fitted to the training RGB values."""
+    rgb = torch.cat([v["rgb"] for v in ckpt["labels"].values()]).numpy()
+    return rgb if len(rgb) else np.full((1, 3), ckpt["gamma"][0] * ckpt["gamma"][1], np.float32)
+
+
+def exposure_gain(rgb: np.ndarray, train_rgb: np.ndarray) -> tuple[float, str]:
+    """The factor that brings a photo to the training exposure, and the sentence saying how it was chosen:
+    the photo's mean to the training RGB's mean, held back if that would push its brightest 0.1 % of
+    values past 1, beyond anything the model saw (training RGB = S.Y of reflectances <= 1)."""
+    mean, level, top = float(rgb.mean()), float(train_rgb.mean()), float(np.percentile(rgb, 99.9))
+    gain = level / max(mean, 1e-6)
+    why = f"the photo's mean {mean:.4f} to the training RGB's {level:.4f}"
+    if gain * top > 1:
+        gain, why = 1 / top, why + f", held back so that its brightest 0.1 % ({top:.4f}) stay at or below 1"
+    return gain, why
+
+
+def photo_warnings(rgb: np.ndarray, clipped: float, train_rgb: np.ndarray) -> list[str]:
+    """Out-of-distribution signs: clipped highlights (over 1 % of the pixels), and a channel balance (each
+    channel's share of the mean RGB) off the training data's by more than BALANCE times."""
+    out = []
+    if clipped > 0.01:
+        out.append(f"{100 * clipped:.1f} % of the pixels are clipped in at least one channel; the spectra "
+                   f"of saturated highlights are guesses")
+    share, train = rgb.mean((0, 1)) / rgb.mean((0, 1)).sum(), train_rgb.mean(0) / train_rgb.mean(0).sum()
+    if np.any(np.maximum(share / train, train / share) > BALANCE):
+        out.append(f"the photo's channel balance R:G:B = {share[0]:.2f}:{share[1]:.2f}:{share[2]:.2f} is far from "
+                   f"the training data's {train[0]:.2f}:{train[1]:.2f}:{train[2]:.2f} (a colour cast, or a white "
+                   f"balance unlike the training light)")
+    return [f"warning: {w}." for w in out]
+
+
 def predict(args) -> None:
     ckpt = load_checkpoint(args.ckpt)
     model = build_model(ckpt, pick_device(args.device))
     cfg = TrainConfig(**ckpt["train_config"])
     srf = torch.from_numpy(data.srf_matrix(cfg.srf))
-    rgb = torch.from_numpy(data.load_rgb(args.rgb)).permute(2, 0, 1)  # (3, H, W)
-    pts = P.sample_points((1, 31, *rgb.shape[-2:]), cfg.label_ratio, *ckpt["gamma"], generator=seeded(args.seed),
+    rgb, kind, clipped = photo_rgb(args.rgb, args.input, cfg.srf)
+    train_rgb = training_rgb(ckpt)
+    exposure = args.exposure or ("auto" if kind == "srgb" else "1")  # linear input: as eval renders a cube
+    if exposure == "auto":
+        gain, why = exposure_gain(rgb, train_rgb)
+    else:
+        gain, why = float(exposure), "as given" if args.exposure else "linear input keeps its exposure"
+    print(f"input: {kind}{' (decoded to linear, mapped to the model RGB)' if kind == 'srgb' else ''}; "
+          f"exposure: x{gain:.4g} ({why})")
+    rgb = rgb * gain
+    for line in photo_warnings(rgb, clipped, train_rgb):
+        print(line)
+    rgb = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W)
+    H, W = rgb.shape[-2:]
+    tile = args.tile if args.tile is not None else (0 if H * W <= WHOLE_MAX else TILE)
+    pts = P.sample_points((1, 31, H, W), cfg.label_ratio, *ckpt["gamma"], generator=seeded(args.seed),
                           dist=ckpt["model_config"]["points"])[0]
-    pred = reconstruct(model, rgb, pts, args.tile).clamp(0, 1).cpu()
-    write_outputs(Path(args.out), pred, srf)
-    print(f"wrote a {tuple(pred.shape)} cube to {Path(args.out) / 'cube.npy'} and .mat")
+    pred = reconstruct(model, rgb, pts, tile).clamp(0, 1).cpu()
+    write_outputs(Path(args.out), pred, srf, envi=args.envi)
+    print(f"wrote a {tuple(pred.shape)} cube to {Path(args.out) / 'cube.npy'}, .mat{', .hdr/.img' if args.envi else ''}"
+          + (f" (tiles of {tile})" if tile else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -554,6 +629,16 @@ def positive(text: str) -> int:
     if not text.lstrip("+").isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return int(text)
+
+
+def exposure_arg(text: str) -> str:
+    """argparse type: 'auto' or a positive factor."""
+    try:
+        if text == "auto" or float(text) > 0:
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is neither auto nor a positive factor")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -596,9 +681,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rgb", required=True, help="PNG or JPEG, 8 or 16 bit")
     p.add_argument("--out", default="runs/predict")
     p.add_argument("--seed", type=int, default=0, help="seed of the Gamma point cube")
-    p.add_argument("--tile", type=int, default=256, help="tile size; memory stays bounded on large photos")
+    p.add_argument("--input", default="auto", choices=["auto", "srgb", "linear"],
+                   help="srgb: a camera's gamma-encoded photo; linear: the model's RGB (S.Y); "
+                        "auto (default): srgb for 8-bit files, linear for 16-bit")
+    p.add_argument("--exposure", type=exposure_arg, default=None,
+                   help="auto (default for srgb): the photo's mean to the training RGB's; or a factor "
+                        "(default 1 for linear input)")
+    p.add_argument("--tile", type=positive, default=None,
+                   help=f"tile size (default: the whole image, as eval, up to {WHOLE_MAX} pixels; tiles of {TILE} beyond)")
     for q in (f, e, p):
         q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    for q in (e, p):
+        q.add_argument("--envi", action="store_true", help="also write the cube as ENVI (cube.hdr + cube.img, BSQ)")
     args = ap.parse_args(argv)
     if args.cmd == "fit":
         args.epochs_given = args.epochs is not None
