@@ -456,6 +456,41 @@ def load_rgb(path) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
+def read_points(path, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """A spectrometer's measurements of an h x w image: a CSV file, one point a line, `row, col` (pixel,
+    from 0 at the top left) then 31 values at 400, 410, ..., 700 nm on the cube's scale (reflectance,
+    [0, 1]); a first line that is not numbers is a header. -> (coords (k, 2) int64, spectra (k, 31)).
+    Raises SceneError naming the file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SceneError(f"{path}: not a readable points file ({e})") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            values = [float(v) for v in line.split(",")]
+        except ValueError:
+            if n == 1:  # a header
+                continue
+            raise SceneError(f"{path}: line {n} holds something that is not a number") from None
+        if len(values) != 2 + BANDS:
+            raise SceneError(f"{path}: line {n} has {len(values)} values where row, col and 31 spectrum values "
+                             f"(400-700 nm) are expected")
+        r, c, *spectrum = values
+        if r != int(r) or c != int(c) or not (0 <= r < h and 0 <= c < w):
+            raise SceneError(f"{path}: line {n} names pixel ({r:g}, {c:g}), not a pixel of the {h} x {w} image")
+        if not all(0 <= v < math.inf for v in spectrum):
+            raise SceneError(f"{path}: line {n} holds a negative or non-finite spectrum value")
+        rows.append(values)
+    if not rows:
+        raise SceneError(f"{path}: no measured points in it")
+    a = np.array(rows)
+    return a[:, :2].astype(np.int64), a[:, 2:].astype(np.float32)
+
+
 # -----------------------------------------------------------------------------
 # Scenes and the CAVE split
 
@@ -742,15 +777,20 @@ def demo_scenes(n: int = 4, size: int = 128, seed: int = 0) -> list[tuple[str, n
 # -----------------------------------------------------------------------------
 # Writing results
 
-def save_cube(path_stem, cube) -> tuple[Path, Path]:
-    """Write cube (H, W, 31) as <path_stem>.npy and <path_stem>.mat (variables `cube`, float32 (H, W, 31),
-    and `wavelengths` in nm); load_scene reads both back. Returns the two paths."""
+def _output(path_stem, cube, *suffixes: str) -> tuple[np.ndarray, list[Path]]:
+    """(cube as float32 (H, W, 31), the paths <path_stem><suffix>, their folder made); a stem may hold dots."""
     cube = np.asarray(cube, dtype=np.float32)
     if cube.ndim != 3 or cube.shape[-1] != BANDS:
         raise ValueError(f"expected a (H, W, 31) cube, got shape {cube.shape}")
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    npy, mat = stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".mat")
+    return cube, [stem.with_name(stem.name + s) for s in suffixes]
+
+
+def save_cube(path_stem, cube) -> tuple[Path, Path]:
+    """Write cube (H, W, 31) as <path_stem>.npy and <path_stem>.mat (variables `cube`, float32 (H, W, 31),
+    and `wavelengths` in nm); load_scene reads both back. Returns the two paths."""
+    cube, (npy, mat) = _output(path_stem, cube, ".npy", ".mat")
     np.save(npy, cube)
     scipy.io.savemat(mat, {"cube": cube, "wavelengths": WAVELENGTHS.astype(np.float64)}, do_compression=True)
     return npy, mat
@@ -760,12 +800,7 @@ def save_envi(path_stem, cube) -> tuple[Path, Path]:
     """Write cube (H, W, 31) as ENVI: <path_stem>.hdr, a text header with the wavelengths, and
     <path_stem>.img, the raw float32 little-endian values band by band (BSQ) - what ENVI, QGIS (GDAL)
     and Spectral Python open. Returns the two paths."""
-    cube = np.asarray(cube, dtype=np.float32)
-    if cube.ndim != 3 or cube.shape[-1] != BANDS:
-        raise ValueError(f"expected a (H, W, 31) cube, got shape {cube.shape}")
-    stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    hdr, img = stem.with_name(stem.name + ".hdr"), stem.with_name(stem.name + ".img")
+    cube, (hdr, img) = _output(path_stem, cube, ".hdr", ".img")
     h, w, bands = cube.shape
     hdr.write_text("ENVI\n"
                    "description = {pixelssr reconstruction, reflectance-like values in [0, 1]}\n"
