@@ -4,14 +4,16 @@ Data for Pixel-SSR: hyperspectral scenes, RGB rendering, label sets, training pa
 Paper: "From Image- to Pixel-level: Label-efficient Hyperspectral Image Reconstruction" (Leng et al.,
 2025). The network sees an RGB image X and learns a 31-band HSI (400-700 nm in 10 nm steps) from a
 few measured point spectra per scene. This file prepares everything it sees:
-  - reading scenes: CAVE folders of PNG bands as downloaded, .mat and .npy cubes      load_scene
+  - reading scenes: CAVE folders of PNG bands as downloaded, .mat (v5, and v7.3 as
+    NTIRE / ARAD and ICVL ship them) and .npy cubes                                   load_scene
   - the CAVE protocol: 12 fixed test scenes, the other 20 train                      find_scenes, split_scenes
   - RGB from HSI with a spectral response S, X = S.Y (the projection of L_rep, Eq. (14))  srf_matrix, rgb_from_hsi
   - the label budget of Sec. 3.1, Eq. (2): max(1, floor(omega.H.W)) fixed pixels per
     training scene, drawn once from a seed, as a spectrometer measures fixed points   draw_label_set
   - training patches that carry their labelled pixels through crops, flips, rotations PatchDataset
   - synthetic demo scenes from measured ColorChecker spectra (no download needed)     demo_scenes
-  - reading the user's RGB images and writing results                                load_rgb, save_cube, save_png
+  - reading the user's RGB images and photos (sRGB to the model's RGB)               load_rgb, model_rgb_from_srgb
+  - writing results: .npy / .mat cubes, ENVI (.hdr + raw BSQ), PNG                  save_cube, save_envi, save_png
 
 Conventions: files and numpy arrays are (H, W, bands) as CAVE and MATLAB store them; tensors are
 (b, c, H, W); values are reflectance-like in [0, 1].
@@ -27,6 +29,7 @@ import re
 import zlib
 from pathlib import Path
 
+import h5py
 import numpy as np
 import scipy.io
 import torch
@@ -234,12 +237,32 @@ _DEEP_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": 65535, "F": 1
 _PLAIN_MODES = ("L", "LA", "RGB", "RGBA")  # 8-bit modes numpy reads as they are
 
 
+def _png_16bit_colour(path: Path, rawmode: str) -> np.ndarray:
+    """A 16-bit colour PNG at its full precision: (H, W, 3 or 4) float32 in [0, 1].
+
+    Pillow has no 16-bit colour mode: it unfilters the PNG's big-endian samples and keeps each one's
+    high byte (rawmode "RGB;16B"). Decoding the same data again as little-endian ("RGB;16L") keeps the
+    other byte, the low one; the two together are the 16-bit values. Pillow's own decoder does the
+    inflating and unfiltering both times, so nothing of PNG is re-implemented here."""
+    planes = []
+    for raw in (rawmode, rawmode.replace(";16B", ";16L")):
+        with Image.open(path) as img:
+            img.tile = [t._replace(args=raw) for t in img.tile]
+            img.load()
+            planes.append(np.asarray(img, dtype=np.float32))
+    high, low = planes
+    return (high * 256 + low) / 65535
+
+
 def _read_image(path: Path) -> np.ndarray:
-    """Any image Pillow reads -> (H, W, channels) float32 in [0, 1]. 16-bit grey is divided by 65535 and
-    8-bit by 255; palette and other modes become RGB. Pillow reads 16-bit colour PNGs at 8 bits (their
-    high byte), so such files keep 8 bits of precision. Raises SceneError naming the file."""
+    """Any image Pillow reads -> (H, W, channels) float32 in [0, 1]. 16-bit grey and 16-bit colour PNGs
+    are divided by 65535 and 8-bit images by 255; palette and other modes become RGB. Raises SceneError
+    naming the file."""
     try:
         with Image.open(path) as img:
+            rawmode = img.tile[0].args if img.format == "PNG" and len(img.tile) == 1 else None
+            if rawmode in ("RGB;16B", "RGBA;16B"):
+                return _png_16bit_colour(path, rawmode)  # PNGs keep no EXIF orientation to apply
             img.load()
             img = ImageOps.exif_transpose(img)  # phone JPEGs: the pixels as viewers show them
             if img.mode in _DEEP_MODES:
@@ -250,6 +273,13 @@ def _read_image(path: Path) -> np.ndarray:
     except Exception as e:  # Pillow signals broken files with many exception types (OSError, SyntaxError, ...)
         raise SceneError(f"{path}: not a readable image ({str(e).rstrip('.')})") from None
     return np.clip(a, 0, 1)  # "I" and "F" modes can hold values outside the 16-bit / unit range
+
+
+def bit_depth(path) -> int:
+    """Bits per sample of an image file: 16 for 16-bit PNGs (grey or colour) and deep TIFFs, else 8."""
+    with Image.open(path) as img:
+        deep = img.mode in _DEEP_MODES or (img.format == "PNG" and ";16" in str(img.tile[0].args if img.tile else ""))
+    return 16 if deep else 8
 
 
 def _band_files(folder: Path) -> dict[int, Path]:
@@ -300,34 +330,73 @@ def _load_png_folder(path: Path) -> np.ndarray:
     return np.stack(planes, axis=-1)
 
 
-def _read_mat(path: Path) -> np.ndarray:
-    try:
-        mat = scipy.io.loadmat(path)
-    except NotImplementedError:  # scipy's answer to MATLAB v7.3 files, which are HDF5
-        raise SceneError(f"{path}: a MATLAB v7.3 (HDF5) file, which scipy cannot read; re-save it in "
-                         f"MATLAB with save(file, var, '-v7') or convert it to .npy") from None
-    except Exception as e:  # scipy signals broken files with many exception types (ValueError, IndexError, ...)
-        raise SceneError(f"{path}: not a readable .mat file ({str(e).rstrip('.')})") from None
-    arrays = {k: v for k, v in mat.items() if not k.startswith("__") and isinstance(v, np.ndarray)}
+def _one_cube(arrays: dict[str, np.ndarray], path: Path) -> tuple[str, np.ndarray]:
+    """The one 3-D array with 31 bands (first or last axis) among a file's variables, or SceneError."""
     cubes = [k for k, v in arrays.items() if v.ndim == 3 and BANDS in (v.shape[0], v.shape[-1])]
     if len(cubes) != 1:
         found = ", ".join(f"{k} {v.shape}" for k, v in arrays.items()) or "no arrays"
         raise SceneError(f"{path}: expected exactly one 3-D array with 31 bands, found {found}")
-    return arrays[cubes[0]]
+    return cubes[0], arrays[cubes[0]]
 
 
-def _read_npy(path: Path) -> np.ndarray:
+def _check_wavelengths(arrays: dict[str, np.ndarray], path: Path) -> None:
+    """NTIRE / ARAD and ICVL files carry their band centres as `bands`; a set other than 400:10:700 nm
+    (Harvard's 420-720, say) is refused rather than read as if it were."""
+    for key in ("bands", "wavelengths"):
+        nm = arrays.get(key)
+        if nm is not None and nm.size == BANDS and not np.allclose(np.sort(nm.ravel()), WAVELENGTHS, atol=0.5):
+            raise SceneError(f"{path}: its {key} run from {nm.min():g} to {nm.max():g} nm, not the 31 bands "
+                             f"400-700 nm in 10 nm steps this model reads; resample the spectra to 400:10:700 nm")
+
+
+# Full scale of the float cubes of known MATLAB v7.3 sources, by variable name: NTIRE 2020 / 2022 (ARAD)
+# ship `cube` already normalised to [0, 1] by the organisers (their `norm_factor`), ICVL and NTIRE 2018
+# ship `rad`, the raw counts of a 12-bit camera. Other names, and integer data, follow _as_cube's rule.
+_V73_SCALE = {"cube": 1.0, "rad": 4095.0}
+
+
+def _read_mat_v73(path: Path) -> tuple[np.ndarray, float | None]:
+    """A MATLAB v7.3 file (HDF5) through h5py. HDF5 stores MATLAB's column-major arrays with the
+    dimensions reversed: ARAD's 482 x 512 x 31 `cube` is a (31, 512, 482) dataset. Reversing every
+    dataset's axes gives back the array as MATLAB shows it, (H, W, bands), whatever the source."""
+    try:
+        with h5py.File(path, "r") as f:
+            arrays = {k: np.asarray(v).T for k, v in f.items()  # groups (structs, cells' #refs#) are skipped
+                      if isinstance(v, h5py.Dataset) and v.dtype.kind in "iuf"}
+    except Exception as e:  # h5py signals broken files with OSError, KeyError, ...
+        raise SceneError(f"{path}: a MATLAB v7.3 (HDF5) file h5py cannot read ({str(e).rstrip('.')})") from None
+    name, cube = _one_cube(arrays, path)
+    _check_wavelengths(arrays, path)
+    return cube, _V73_SCALE.get(name)
+
+
+def _read_mat(path: Path) -> tuple[np.ndarray, float | None]:
+    try:
+        mat = scipy.io.loadmat(path)
+    except NotImplementedError:  # scipy's answer to MATLAB v7.3 files, which are HDF5
+        return _read_mat_v73(path)
+    except Exception as e:  # scipy signals broken files with many exception types (ValueError, IndexError, ...)
+        raise SceneError(f"{path}: not a readable .mat file ({str(e).rstrip('.')})") from None
+    arrays = {k: v for k, v in mat.items() if not k.startswith("__") and isinstance(v, np.ndarray)}
+    _, cube = _one_cube(arrays, path)
+    _check_wavelengths(arrays, path)
+    return cube, None
+
+
+def _read_npy(path: Path) -> tuple[np.ndarray, None]:
     try:
         a = np.load(path, allow_pickle=False)  # no pickles: a data file must not run code
     except (ValueError, OSError, EOFError) as e:
         raise SceneError(f"{path}: not a readable .npy file ({str(e).rstrip('.')})") from None
     if not isinstance(a, np.ndarray):  # an .npz archive saved under a .npy name
         raise SceneError(f"{path}: an .npz archive, not a single .npy array")
-    return a
+    return a, None
 
 
-def _as_cube(a: np.ndarray, path: Path) -> np.ndarray:
+def _as_cube(a: np.ndarray, path: Path, scale: float | None = None) -> np.ndarray:
     """A stored array -> (H, W, 31) float32 in [0, 1], or SceneError.
+
+    scale: the full scale its source defines for float data (see _V73_SCALE); None: the rule below.
 
     (31, H, W) is accepted and moved to (H, W, 31): PyTorch code and h5py exports store bands first.
     When both ends have 31, (H, W, 31) wins. Integers are divided by their type's maximum (uint16 by
@@ -349,7 +418,7 @@ def _as_cube(a: np.ndarray, path: Path) -> np.ndarray:
         if bad:
             raise SceneError(f"{path}: cube holds {bad} non-finite values (NaN or inf)")
         peak = float(a.max())
-        scale = 1.0 if peak <= 1 else 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+        scale = scale or (1.0 if peak <= 1 else 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak)
     # reflectance is non-negative; processed cubes carry small negative values from noise and unmixing
     return np.ascontiguousarray(np.clip(a.astype(np.float32) / np.float32(scale), 0, 1))
 
@@ -359,7 +428,9 @@ def load_scene(path) -> np.ndarray:
 
     path: a CAVE scene folder as downloaded (the outer <scene>_ms/ or the inner <scene>_ms/<scene>_ms/,
     one <scene>_ms_NN.png per band, 16-bit / 65535 or 8-bit / 255), a .mat file (the one 3-D array with
-    31 bands, any variable name) or a .npy file. Raises SceneError naming the file for anything else.
+    31 bands, any variable name; MATLAB v5 through scipy, v7.3 (NTIRE 2020 / 2022, ARAD-1K, ICVL)
+    through h5py) or a .npy file. Raises SceneError naming the file for anything else, a `bands`
+    vector other than 400:10:700 nm included.
     """
     path = Path(path)
     if not path.exists():
@@ -370,7 +441,8 @@ def load_scene(path) -> np.ndarray:
     if path.suffix.lower() not in readers:
         raise SceneError(f"{path}: unsupported file type {path.suffix!r}, expected a CAVE folder of PNG "
                          f"bands, a .mat or a .npy file")
-    return _as_cube(readers[path.suffix.lower()](path), path)
+    a, scale = readers[path.suffix.lower()](path)
+    return _as_cube(a, path, scale)
 
 
 def load_rgb(path) -> np.ndarray:
@@ -382,6 +454,41 @@ def load_rgb(path) -> np.ndarray:
     a = _read_image(path)
     rgb = a[..., :3] if a.shape[-1] >= 3 else np.repeat(a[..., :1], 3, axis=-1)
     return np.ascontiguousarray(rgb)
+
+
+def read_points(path, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """A spectrometer's measurements of an h x w image: a CSV file, one point a line, `row, col` (pixel,
+    from 0 at the top left) then 31 values at 400, 410, ..., 700 nm on the cube's scale (reflectance,
+    [0, 1]); a first line that is not numbers is a header. -> (coords (k, 2) int64, spectra (k, 31)).
+    Raises SceneError naming the file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SceneError(f"{path}: not a readable points file ({e})") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            values = [float(v) for v in line.split(",")]
+        except ValueError:
+            if n == 1:  # a header
+                continue
+            raise SceneError(f"{path}: line {n} holds something that is not a number") from None
+        if len(values) != 2 + BANDS:
+            raise SceneError(f"{path}: line {n} has {len(values)} values where row, col and 31 spectrum values "
+                             f"(400-700 nm) are expected")
+        r, c, *spectrum = values
+        if r != int(r) or c != int(c) or not (0 <= r < h and 0 <= c < w):
+            raise SceneError(f"{path}: line {n} names pixel ({r:g}, {c:g}), not a pixel of the {h} x {w} image")
+        if not all(0 <= v < math.inf for v in spectrum):
+            raise SceneError(f"{path}: line {n} holds a negative or non-finite spectrum value")
+        rows.append(values)
+    if not rows:
+        raise SceneError(f"{path}: no measured points in it")
+    a = np.array(rows)
+    return a[:, :2].astype(np.int64), a[:, 2:].astype(np.float32)
 
 
 # -----------------------------------------------------------------------------
@@ -478,6 +585,43 @@ def rgb_from_hsi(hsi, srf="cie1964"):
     if hsi.ndim < 3 or hsi.shape[-1] != BANDS:
         raise ValueError(f"expected a (..., H, W, 31) array, got shape {hsi.shape}")
     return hsi @ np.asarray(s, dtype=np.float32).T
+
+
+# -----------------------------------------------------------------------------
+# Photos: sRGB to the model's RGB
+
+# XYZ -> linear sRGB, IEC 61966-2-1 (the sRGB primaries, for the CIE 1931 observer)
+_SRGB_FROM_XYZ = np.array([[3.2406, -1.5372, -0.4986],
+                           [-0.9689, 1.8758, 0.0415],
+                           [0.0557, -0.2040, 1.0570]])
+
+
+def srgb_to_linear(a: np.ndarray) -> np.ndarray:
+    """Undo the sRGB transfer curve (IEC 61966-2-1): encoded values in [0, 1] -> linear light."""
+    a = np.asarray(a, dtype=np.float32)
+    return np.where(a <= 0.04045, a / 12.92, ((a + 0.055) / 1.055) ** 2.4).astype(np.float32)
+
+
+def linear_srgb(hsi: np.ndarray) -> np.ndarray:
+    """The linear sRGB a white-balanced camera records of spectra (..., 31) under flat light: CIE 1931
+    XYZ through the sRGB matrix, each channel scaled so that the perfect white reflector is (1, 1, 1)."""
+    xyz = np.asarray(hsi, dtype=np.float64) @ np.clip(np.array(SRF_TABLES["cie1931"]), 0, None)
+    white = _SRGB_FROM_XYZ @ np.clip(np.array(SRF_TABLES["cie1931"]), 0, None).sum(0)
+    return (xyz @ _SRGB_FROM_XYZ.T) / white
+
+
+def model_rgb_from_srgb(srf="cie1964") -> np.ndarray:
+    """(3, 3) M taking a white-balanced photo's linear sRGB to the RGB the model was trained on, S.Y.
+
+    The two are different colour spaces (S is CIE 1964 XYZ, or a camera's response, with rows summing to
+    1; sRGB has its own primaries), so a photo fed as it is comes out with the wrong colours. M is the
+    least-squares fit over the 24 measured ColorChecker spectra and the perfect white of S.Y against
+    linear_srgb: exact up to the 1931 / 1964 observers' difference for the CIE responses, the best
+    linear guess for a camera's (its raw RGB is lost in a JPEG). White maps to (nearly) white."""
+    spectra = np.concatenate([COLORCHECKER.T, np.ones((1, BANDS))])  # (25, 31)
+    s = srf_matrix(srf) if isinstance(srf, str) else np.asarray(srf)
+    m, *_ = np.linalg.lstsq(linear_srgb(spectra), spectra @ np.asarray(s, dtype=np.float64).T, rcond=None)
+    return m.T.astype(np.float32)
 
 
 # -----------------------------------------------------------------------------
@@ -637,18 +781,40 @@ def demo_scenes(n: int = 4, size: int = 128, seed: int = 0, materials: int = 48)
 # -----------------------------------------------------------------------------
 # Writing results
 
-def save_cube(path_stem, cube) -> tuple[Path, Path]:
-    """Write cube (H, W, 31) as <path_stem>.npy and <path_stem>.mat (variables `cube`, float32 (H, W, 31),
-    and `wavelengths` in nm); load_scene reads both back. Returns the two paths."""
+def _output(path_stem, cube, *suffixes: str) -> tuple[np.ndarray, list[Path]]:
+    """(cube as float32 (H, W, 31), the paths <path_stem><suffix>, their folder made); a stem may hold dots."""
     cube = np.asarray(cube, dtype=np.float32)
     if cube.ndim != 3 or cube.shape[-1] != BANDS:
         raise ValueError(f"expected a (H, W, 31) cube, got shape {cube.shape}")
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    npy, mat = stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".mat")
+    return cube, [stem.with_name(stem.name + s) for s in suffixes]
+
+
+def save_cube(path_stem, cube) -> tuple[Path, Path]:
+    """Write cube (H, W, 31) as <path_stem>.npy and <path_stem>.mat (variables `cube`, float32 (H, W, 31),
+    and `wavelengths` in nm); load_scene reads both back. Returns the two paths."""
+    cube, (npy, mat) = _output(path_stem, cube, ".npy", ".mat")
     np.save(npy, cube)
     scipy.io.savemat(mat, {"cube": cube, "wavelengths": WAVELENGTHS.astype(np.float64)}, do_compression=True)
     return npy, mat
+
+
+def save_envi(path_stem, cube) -> tuple[Path, Path]:
+    """Write cube (H, W, 31) as ENVI: <path_stem>.hdr, a text header with the wavelengths, and
+    <path_stem>.img, the raw float32 little-endian values band by band (BSQ) - what ENVI, QGIS (GDAL)
+    and Spectral Python open. Returns the two paths."""
+    cube, (hdr, img) = _output(path_stem, cube, ".hdr", ".img")
+    h, w, bands = cube.shape
+    hdr.write_text("ENVI\n"
+                   "description = {pixelssr reconstruction, reflectance-like values in [0, 1]}\n"
+                   f"samples = {w}\nlines = {h}\nbands = {bands}\nheader offset = 0\n"
+                   "file type = ENVI Standard\ndata type = 4\ninterleave = bsq\nbyte order = 0\n"
+                   "wavelength units = Nanometers\n"
+                   f"wavelength = {{{', '.join(str(int(nm)) for nm in WAVELENGTHS)}}}\n")
+    # data type 4 = float32, byte order 0 = little-endian; BSQ: (bands, lines, samples)
+    img.write_bytes(np.ascontiguousarray(cube.transpose(2, 0, 1)).astype("<f4").tobytes())
+    return hdr, img
 
 
 def save_png(path, img) -> None:
