@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+import backbones
 import data
 import frft
 import pixelssr as P
@@ -698,17 +699,20 @@ def test_spa_hf_branch_is_fed_f1_minus_its_2x2_block_mean(h, w, seed):
 # every configuration the ablations build: nothing is built that the forward pass does not use
 CONFIGS = {"full": SMALL, "fft": dataclasses.replace(SMALL, spa_transform="fft"),
            "no_spatial_prompts": dataclasses.replace(SMALL, use_spa=False, use_hf=False),
-           **{f"no_{k[4:]}": dataclasses.replace(SMALL, **{k: False}) for k in ("use_spe", "use_prompt_ssm")}}
+           **{f"no_{k[4:]}": dataclasses.replace(SMALL, **{k: False}) for k in ("use_spe", "use_prompt_ssm", "use_drpn")},
+           **{b: dataclasses.replace(SMALL, backbone=b) for b in backbones.BODIES}}
 
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_gradient_reaches_every_parameter(config):
+    """Through the training loss (L_P2I only where there is an H2R), for every ablation and every backbone."""
     m = _model(CONFIGS[config])
-    rgb, pts = _inputs(2, 16, 16)
+    rgb, pts = _inputs(2, 15, 13)  # odd: the bodies' padding must pass gradients too
     hsi, y3 = m(rgb, pts)
-    mask = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
+    mask = torch.zeros(2, 1, 15, 13, dtype=torch.bool)
     mask[:, :, 3, 5] = True
-    loss, _ = P.pixel_ssr_loss(m, rgb, hsi, y3, torch.rand(2, 31, 16, 16) * mask, mask, torch.full((3, 31), 1 / 31))
+    weights = {**P.LOSS_WEIGHTS, "p2i": P.LOSS_WEIGHTS["p2i"] if m.h2r is not None else 0}
+    loss, _ = P.pixel_ssr_loss(m, rgb, hsi, y3, torch.rand(2, 31, 15, 13) * mask, mask, torch.full((3, 31), 1 / 31), weights)
     loss.backward()
     silent = [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not silent, f"no gradient reaches {silent}"
@@ -856,7 +860,7 @@ def _bypass(m: P.DyProMamba, switch: str) -> None:
     elif switch == "use_spe":
         m.drpn.spe = torch.nn.ModuleList(_IdentityPrompt(p) for p in m.drpn.spe)
     else:
-        for block in (m.enc, m.mid, m.dec):
+        for block in (m.body.enc, m.body.mid, m.body.dec):
             block.attn = _NoAttention()
 
 
@@ -865,7 +869,7 @@ ABLATIONS = {
     "use_spa": ("drpn.spa.", "drpn.y2."),
     "use_hf": ("drpn.hf.", "drpn.y3."),
     "use_spe": ("drpn.spe.",),
-    "use_prompt_ssm": ("drpn.spe.", *(f"{blk}.{sub}." for blk in ("enc", "mid", "dec") for sub in ("attn", "norm1"))),
+    "use_prompt_ssm": ("drpn.spe.", *(f"body.{blk}.{sub}." for blk in ("enc", "mid", "dec") for sub in ("attn", "norm1"))),
 }
 
 
@@ -896,6 +900,56 @@ def test_fft_ablation_drops_only_the_learnable_order():
     assert _n_params(full) - _n_params(fft) == 1 and fft.drpn.spa.order is None
     x = _inputs(1, 12, 12)
     assert not torch.allclose(full(*x)[0], fft(*x)[0])
+
+
+def test_without_the_drpn_the_body_gets_the_point_cube_and_nothing_of_the_neck_is_built():
+    """Table 4's row without the DRPN: no DRPN parameter and no M_H2R (L_P2I has no Y3 to constrain); the body
+    of a full model given the same weights and the point cube in place of Y3 (and no P_spe) computes the same.
+    Guards against a 'no DRPN' that keeps Y1's convs or the spectral prompts."""
+    full, cut = _model(), _model(dataclasses.replace(SMALL, use_drpn=False))
+    assert cut.drpn is None and cut.h2r is None
+    assert set(cut.state_dict()) == {k for k in full.state_dict() if k.startswith("body.")}
+    cut.load_state_dict({k: v for k, v in full.state_dict().items() if k.startswith("body.")})
+    rgb, pts = _inputs(2, 12, 10)
+    with torch.no_grad():
+        hsi, y3 = cut(rgb, pts)
+        expected = full.head(full.body(rgb, pts, None), rgb)
+    assert torch.equal(y3, pts)
+    _assert_close(hsi, expected, 1e-6)
+
+
+@pytest.mark.parametrize("weights", [{"ssim": 0}, {"p2i": 0}, {"phsi": 0, "rep": 0}])
+def test_a_loss_term_of_weight_zero_is_not_computed(weights, monkeypatch):
+    """Table 6's "w/o" rows: a term of weight 0 is absent from the terms, its computation never runs (no SSIM
+    call, no H2R forward) and no gradient comes through it; the total is the weighted sum of the others."""
+    m = _model()
+    hsi, y3, rgb, target, mask, srf = _loss_inputs()
+    calls = []
+    monkeypatch.setattr(P, "_ssim", lambda *a, _real=P._ssim: calls.append("ssim") or _real(*a))
+    m.h2r.register_forward_hook(lambda *a: calls.append("p2i"))
+    w = {**P.LOSS_WEIGHTS, **weights}
+    total, terms = P.pixel_ssr_loss(m, rgb, hsi, y3, target, mask, srf, w)
+    assert set(terms) == {k for k, v in w.items() if v}
+    assert not {"ssim", "p2i"} & set(weights) & set(calls)
+    torch.testing.assert_close(total, sum(w[k] * v for k, v in terms.items()))
+    total.backward()
+    if "p2i" in weights:
+        assert y3.grad is None and all(p.grad is None for p in m.h2r.parameters())
+
+
+def test_backbone_bodies_have_their_papers_parameter_counts():
+    """MST++ 1.62 M (Cai et al. 2022), HSCNN+ 4.65 M (HSCNN-D at 30 blocks, the MST++ paper's table): the body
+    alone, within 20 %. Its first convolution takes X and Y3 (34 channels, not 3), a few thousand more."""
+    for name, paper in backbones.PAPER_PARAMS.items():
+        body = backbones.BODIES[name](P.Config())
+        assert _n_params(body) == pytest.approx(paper, rel=0.2), name
+
+
+@MODEL_SETTINGS
+@given(name=st.sampled_from(list(backbones.BODIES)), h=st.integers(1, 13), w=st.integers(1, 13))
+def test_every_backbone_keeps_any_image_size(name, h, w):
+    hsi, y3 = _model(dataclasses.replace(SMALL, backbone=name))(*_inputs(1, h, w))
+    assert hsi.shape == y3.shape == (1, 31, h, w) and torch.isfinite(hsi).all()
 
 
 @pytest.mark.parametrize("inverse", [False, True])
@@ -1753,8 +1807,8 @@ def test_output_layer_is_non_negative_and_its_gradient_never_vanishes(seed, scal
 
 def _flip_band(m: P.DyProMamba, band: int) -> None:
     with torch.no_grad():
-        m.out.weight[band].neg_()
-        m.out.bias[band].neg_()
+        m.body.out.weight[band].neg_()
+        m.body.out.bias[band].neg_()
 
 
 def test_a_band_whose_last_layer_flips_sign_comes_out_unchanged():
@@ -1765,7 +1819,7 @@ def test_a_band_whose_last_layer_flips_sign_comes_out_unchanged():
     for output in ("abs", "linear"):
         m = _model(dataclasses.replace(SMALL, output=output)).eval()
         with torch.no_grad():
-            m.out.bias.fill_(0.3)  # a bright band, as real ones are
+            m.body.out.bias.fill_(0.3)  # a bright band, as real ones are
             before = m(*x)[0]
             _flip_band(m, 7)
             after = m(*x)[0]
@@ -1853,8 +1907,8 @@ def test_eval_reports_raw_band_means_and_warns_of_an_inverted_band(tmp_path, cap
     assert train.main(["fit", "--data", str(root), "--out", str(run), "--epochs", "1", "--label-ratio", "0.01",
                        "--test-scenes", "demo_02", "--output", "linear", *FAST]) == 0
     ckpt = torch.load(run / "last.pt", weights_only=True)
-    ckpt["model"]["out.weight"][8] = 0
-    ckpt["model"]["out.bias"][8] = -0.2
+    ckpt["model"]["body.out.weight"][8] = 0
+    ckpt["model"]["body.out.bias"][8] = -0.2
     torch.save(ckpt, run / "last.pt")
     assert train.main(["eval", "--ckpt", str(run / "last.pt"), "--out", str(tmp_path / "ev"), "--seeds", "1"]) == 0
     bands = json.loads((tmp_path / "ev" / "metrics.json").read_text())["scenes"]["demo_02"]["bands"]
