@@ -1945,7 +1945,70 @@ def test_a_checkpoint_from_before_the_output_fix_keeps_its_linear_head(tmp_path)
                        "--output", "linear", "--no-label-patches", *FAST]) == 0
     ckpt = torch.load(run / "last.pt", weights_only=True)
     del ckpt["model_config"]["output"], ckpt["train_config"]["label_patches"]
+    del ckpt["model_config"]["backbone"]  # and from before the body was a module: its weights at the top level
+    ckpt["model"] = {k.removeprefix("body."): v for k, v in ckpt["model"].items()}
     torch.save(ckpt, run / "old.pt")
     old = train.load_checkpoint(str(run / "old.pt"))
     assert old["model_config"]["output"] == "linear" and old["train_config"]["label_patches"] is False
     assert train.build_model(old, torch.device("cpu")).cfg.output == "linear"
+
+
+# one fit per flag set: the switches of Tables 3-6 reach the checkpoint, and eval rebuilds that network
+_FLAG_SETS = {
+    "no_spa_no_prompt_ssm_gaussian": (["--no-spa", "--no-prompt-ssm", "--points", "gaussian"],
+                                      {"use_spa": False, "use_prompt_ssm": False, "points": "gaussian"}),
+    "no_hf_no_spe_fft_no_ssim": (["--no-hf", "--no-spe", "--spa-transform", "fft", "--loss-weights", "ssim=0"],
+                                 {"use_hf": False, "use_spe": False, "spa_transform": "fft"}),
+    "no_drpn": (["--no-drpn"], {"use_drpn": False, "h2r": False}),
+}
+
+
+@pytest.mark.parametrize("flags", _FLAG_SETS)
+def test_every_fit_flag_is_saved_in_the_checkpoint_and_eval_rebuilds_that_network(flags, tmp_path, monkeypatch):
+    """Each flag lands in the checkpoint's model config, the weights saved are that network's, and eval builds
+    exactly that network (its parameters are the checkpoint's, strictly) and runs it. Loss weights of 0 are
+    saved as given, and without the DRPN L_P2I's weight is saved as 0."""
+    argv, fields = _FLAG_SETS[flags]
+    root, run = _demo_dir(tmp_path), tmp_path / "run"
+    assert train.main(["fit", "--data", str(root), "--out", str(run), "--epochs", "1", "--test-scenes", "demo_02",
+                       *FAST, *argv]) == 0
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert {k: ckpt["model_config"][k] for k in fields} == fields
+    weights = train.parse_weights(ckpt["train_config"]["loss_weights"])
+    assert weights["ssim"] == (0 if "ssim=0" in argv else 0.3) and weights["p2i"] == (0 if "--no-drpn" in argv else 0.3)
+    built = []
+    monkeypatch.setattr(train, "build_model", lambda *a, _real=train.build_model: built.append(_real(*a)) or built[-1])
+    assert train.main(["eval", "--ckpt", str(run / "last.pt"), "--out", str(tmp_path / "ev"), "--seeds", "1"]) == 0
+    assert dataclasses.asdict(built[0].cfg) == ckpt["model_config"]
+    assert built[0].state_dict().keys() == ckpt["model"].keys()
+
+
+def test_resume_refuses_a_flag_that_contradicts_the_run_and_takes_a_new_time_budget(tmp_path, capsys):
+    """--resume continues a run with its own settings: a new --epochs (once silently dropped), a switch or a
+    loss weight that differs is one line naming the flag and exit code 2; the same values again, or a new
+    --max-minutes (the session's budget), are accepted."""
+    root, run = _demo_dir(tmp_path), tmp_path / "run"
+    base = ["fit", "--data", str(root), "--out", str(run), "--test-scenes", "demo_02", *FAST]
+    assert train.main(base + ["--epochs", "1", "--loss-weights", "ssim=0"]) == 0
+    capsys.readouterr()
+    for flags, named in ((["--epochs", "2"], "--epochs"), (["--no-spa"], "--no-spa"), (["--loss-weights", "ssim=0.3"],
+                         "--loss-weights"), (["--test-scenes", "demo_01"], "--test-scenes")):
+        assert train.main(base + ["--resume", *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and named in err and "contradicts" in err and "Traceback" not in err
+    assert train.main(base + ["--resume", "--epochs", "1", "--loss-weights", "rep=1,ssim=0", "--max-minutes", "5"]) == 0
+
+
+@needs_data
+@pytest.mark.parametrize("backbone", list(backbones.BODIES))
+def test_every_backbone_fits_two_steps_and_evaluates_on_a_real_crop(backbone, tmp_path):
+    """With the shared DRPN, point spectra and losses: two training steps on real crops, then eval's report."""
+    root, run = _real_crops(tmp_path), tmp_path / "run"
+    assert train.main(["fit", "--data", str(root), "--out", str(run), "--epochs", "1", "--label-ratio", "0.01",
+                       "--test-scenes", _REAL_TEST, "--patch", "16", "--stride", "64", "--batch-size", "6",
+                       "--backbone", backbone]) == 0
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["model_config"]["backbone"] == backbone
+    assert train.main(["eval", "--ckpt", str(run / "last.pt"), "--out", str(tmp_path / "ev"), "--seeds", "1"]) == 0
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert math.isfinite(report["overall"]["psnr"]["mean"])

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import backbones
 import data
 import pixelssr as P
 
@@ -117,6 +118,8 @@ def load_checkpoint(path: str) -> dict:
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise data.SceneError(f"{path}: not a pixelssr checkpoint (no {', '.join(missing)}).")
+    if "backbone" not in ckpt["model_config"]:  # before the body became a module of its own (pixelssr.PromptSSMU)
+        ckpt["model"] = {k if k.startswith(("drpn.", "h2r.", "prior")) else "body." + k: v for k, v in ckpt["model"].items()}
     for key, old in _BEFORE_FIELDS.items():
         ckpt[key] = {**old, **ckpt[key]}
     return ckpt
@@ -251,14 +254,25 @@ def gamma_params(labels: dict, scenes: dict[str, np.ndarray], srf: torch.Tensor)
 
 
 def parse_weights(text: str) -> dict[str, float]:
-    """'phsi=1,rep=1,ssim=0.3,p2i=0.3' -> the loss weights of Eq. (15); terms not named keep the paper's."""
+    """'phsi=1,rep=1,ssim=0.3,p2i=0.3' -> the loss weights of Eq. (15); terms not named keep the paper's.
+    A weight of 0 removes its term (pixelssr.pixel_ssr_loss computes nothing for it)."""
     weights = dict(P.LOSS_WEIGHTS)
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
         if name.strip() not in weights:
             raise ValueError(f"--loss-weights: unknown term {name.strip()!r}; the terms are {', '.join(weights)}")
-        weights[name.strip()] = float(value)
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--loss-weights: {item.strip()!r} is not term=number") from None
+    if any(w < 0 or not math.isfinite(w) for w in weights.values()) or not any(weights.values()):
+        raise ValueError(f"--loss-weights: weights must be finite and >= 0, and one > 0; got {format_weights(weights)}")
     return weights
+
+
+def format_weights(weights: dict[str, float]) -> str:
+    """The inverse of parse_weights: {'phsi': 1.0, ...} -> 'phsi=1,rep=1,ssim=0.3,p2i=0.3'."""
+    return ",".join(f"{k}={v:g}" for k, v in weights.items())
 
 
 def augment_exposure(rgb: torch.Tensor, target: torch.Tensor, k: float, g: torch.Generator):
@@ -318,23 +332,76 @@ def validate(model, val_scenes: dict, srf: torch.Tensor, cfg: "TrainConfig", gam
                           for h in val_scenes.values() for s in range(cfg.val_seeds)]))
 
 
+# -----------------------------------------------------------------------------
+# a run's settings: fit's flags, what the checkpoint keeps of them, what --resume may change
+
+# the model Config fields that are fit flags of the same name (the switches as --no-spa etc.); with
+# --points and the loss weights, every ablation of Tables 2-6 is a flag
+MODEL_FLAGS = ("use_spa", "use_hf", "use_spe", "use_prompt_ssm", "use_drpn", "spa_transform", "backbone", "output", "prior")
+# --resume continues a run with its own settings: a flag that says otherwise is an error, except these,
+# which belong to the session (the time budget, the device), not to the run
+RESUME_MAY_CHANGE = {"max_minutes", "device", "resume", "out"}
+
+
+def run_configs(args) -> tuple[TrainConfig, P.Config]:
+    """The TrainConfig and model Config of a new run from fit's arguments, checked. Two settings follow
+    from others: without the DRPN there is no Y3 for L_P2I to constrain, so that term's weight is 0 (and
+    M_H2R is not built); at label ratio 1 (image-level supervision) the network gets no point cube unless
+    --points is given, as the paper's supervised baselines."""
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    weights = parse_weights(cfg.loss_weights)  # a typo stops the run here, not after the data is read
+    if cfg.exposure < 1 or cfg.warmup < 0 or cfg.val_every < 0:
+        raise ValueError(f"--exposure must be >= 1 (got {cfg.exposure}), --warmup and --val-every >= 0 "
+                         f"(got {cfg.warmup}, {cfg.val_every}).")
+    if not 0 <= cfg.label_ratio <= 1:
+        raise ValueError(f"--label-ratio is a fraction of the pixels, from 0 to 1; got {cfg.label_ratio}.")
+    if not args.use_drpn and weights["p2i"]:
+        if "loss_weights" in args.given:
+            raise ValueError("--no-drpn leaves no Y3 for L_P2I to constrain: give it weight 0 (p2i=0).")
+        weights["p2i"] = 0.0
+    if cfg.label_ratio >= 1 and "points" not in args.given:
+        cfg = dataclasses.replace(cfg, points="zeros")
+    cfg = dataclasses.replace(cfg, loss_weights=format_weights(weights))
+    if args.prior == "rootpoly" and args.backbone != "dypro":
+        raise ValueError(f"--prior rootpoly starts the dypro body at zero; the {args.backbone} body has no such start.")
+    return cfg, P.Config(points=cfg.points, h2r=weights["p2i"] > 0, **{k: getattr(args, k) for k in MODEL_FLAGS})
+
+
+def flag_name(dest: str) -> str:
+    """fit's option for a setting: use_spa -> --no-spa, label_ratio -> --label-ratio."""
+    return "--" + (f"no-{dest[4:]}" if dest.startswith("use_") else dest).replace("_", "-")
+
+
+def check_resume(args, ckpt: dict) -> None:
+    """Raise, in one sentence, if a flag given with --resume contradicts the checkpoint's run."""
+    cfg, mcfg = run_configs(args)
+    now = {**dataclasses.asdict(cfg), **dataclasses.asdict(mcfg), "loss_weights": parse_weights(cfg.loss_weights)}
+    was = {**ckpt["train_config"], **ckpt["model_config"], "loss_weights": parse_weights(ckpt["train_config"]["loss_weights"])}
+    for role in ("test", "val"):  # scene lists compare as sets of names
+        now[f"{role}_scenes"] = sorted(data.scene_name(n) for n in getattr(args, f"{role}_scenes") or [])
+        was[f"{role}_scenes"] = sorted(ckpt["split"][role])
+    now["data"] = str(Path(args.data).resolve()) if args.data else None
+    was["data"] = str(Path(ckpt["data"]).resolve()) if ckpt["data"] else None
+    for name in sorted(args.given - RESUME_MAY_CHANGE):
+        if now[name] != was[name]:
+            raise data.SceneError(f"{flag_name(name)} {now[name]} contradicts the run being resumed ({was[name]}): "
+                                  f"--resume continues a run with its own settings; only --max-minutes and --device "
+                                  f"may change.")
+
+
 def fit(args) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(args.device)
     ckpt = load_checkpoint(out / "last.pt") if args.resume else None
     if ckpt is not None:
+        check_resume(args, ckpt)
         # the run's settings, except the time budget, which belongs to this session
         cfg = dataclasses.replace(TrainConfig(**ckpt["train_config"]), max_minutes=args.max_minutes)
         mcfg = P.Config(**ckpt["model_config"])
         split, args.data = ckpt["split"], ckpt["data"]
     else:
-        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-        parse_weights(cfg.loss_weights)  # a typo stops the run here, not after the data is read
-        if cfg.exposure < 1 or cfg.warmup < 0 or cfg.val_every < 0:
-            raise ValueError(f"--exposure must be >= 1 (got {cfg.exposure}), --warmup and --val-every >= 0 "
-                             f"(got {cfg.warmup}, {cfg.val_every}).")
-        mcfg = P.Config(points=cfg.points, output=args.output, prior=args.prior)
+        cfg, mcfg = run_configs(args)
         train, val, test = data.split_scenes(scene_names(args.data), args.test_scenes, args.val_scenes)
         split = {"train": train, "val": val, "test": test}
     if not split["train"]:
@@ -553,6 +620,27 @@ def positive(text: str) -> int:
     return int(text)
 
 
+def add_model_flags(f: argparse.ArgumentParser) -> None:
+    """fit's flags for the network (Tables 2, 4 and 5); each sets the pixelssr.Config field of its dest."""
+    f.add_argument("--backbone", default=P.Config.backbone, choices=["dypro", *backbones.BODIES],
+                   help="the body after the DRPN (Table 2): dypro (the paper's), mst++ or hscnn+")
+    for name, what in (("spa", "P_spa, the Spa-FRFT prompt"), ("hf", "P_hf, the Spa-HF prompt"),
+                       ("spe", "P_spe, the spectral prompt"), ("prompt_ssm", "the PromptSSMs' prompted attention"),
+                       ("drpn", "the whole DRPN (Y3 = the point cube; no L_P2I)")):
+        f.add_argument(flag_name("use_" + name), dest="use_" + name, action="store_false", help=f"Table 4: without {what}")
+    f.add_argument("--spa-transform", default=P.Config.spa_transform, choices=["frft", "fft"],
+                   help="Table 5: the transform of the P_spa branch")
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests of the options argv gives, whatever their value: argparse fills in a default only where the
+    namespace has no value yet, so every dest still holding the marker was not given."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions})
+    parser.parse_args(argv, ns)
+    return {k for k, v in vars(ns).items() if v is not unset}
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Pixel-SSR: hyperspectral images from RGB and a few point spectra.")
     sub = ap.add_subparsers(dest="cmd")
@@ -581,6 +669,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="output layer: abs (non-negative, default) or linear (the paper's bare conv)")
     f.add_argument("--prior", default=P.Config.prior, choices=["none", "rootpoly"],
                    help="rootpoly: learn a correction to the root-polynomial map of the labels (beyond the paper)")
+    add_model_flags(f)
     e = sub.add_parser("eval", help="full-image metrics on test scenes")
     e.add_argument("--ckpt", required=True)
     e.add_argument("--data", default=None, help="default: the run's own data folder (or the demo scenes)")
@@ -598,6 +687,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = ap.parse_args(argv)
     if args.cmd == "fit":
+        args.given = explicit_flags(f, argv[1:])
         args.epochs_given = args.epochs is not None
         args.epochs = args.epochs if args.epochs is not None else d.epochs
     return args
