@@ -446,7 +446,9 @@ class DyProMamba(nn.Module):
 # -----------------------------------------------------------------------------
 # Losses (supplementary Sec. 7)
 
-LOSS_WEIGHTS = {"phsi": 1.0, "rep": 1.0, "ssim": 0.3, "p2i": 0.3}  # Eq. (15): 1, beta1, beta2, beta3
+# Eq. (15): 1, beta1, beta2, beta3; and "smooth", the physical prior of the unsupervised mode (not the paper's,
+# 0 = off; train.py turns it on at omega = 0, where nothing else ties the spectra outside what the camera sees)
+LOSS_WEIGHTS = {"phsi": 1.0, "rep": 1.0, "ssim": 0.3, "p2i": 0.3, "smooth": 0.0}
 
 
 def pixel_ssr_loss(model: DyProMamba, rgb: torch.Tensor, hsi: torch.Tensor, y3: torch.Tensor,
@@ -458,7 +460,9 @@ def pixel_ssr_loss(model: DyProMamba, rgb: torch.Tensor, hsi: torch.Tensor, y3: 
     band inverted: on the paper's bare conv its gradient pushed flipped bands further down (README).
 
     rgb (b, 3, h, w); hsi = Y^r and y3 = Y3 (b, 31, h, w); target (b, 31, h, w), read only where
-    mask (b, 1, h, w, bool) is set; srf (3, 31); weights: the four weights (default LOSS_WEIGHTS).
+    mask (b, 1, h, w, bool) is set; srf (3, 31); weights: the terms' weights (default LOSS_WEIGHTS; its
+    "smooth" is the unsupervised mode's prior, smoothness plus a hinge on negative values that the default
+    |.| output never meets: the loss the classical smoothest-spectrum answer minimises, train.smoothest_spectra).
     Returns (total, {term name: value}) so that training can log every term. A term of weight 0 is not
     computed at all (Table 6's "w/o" rows): it is absent from the dict and nothing flows through it.
     """
@@ -478,6 +482,8 @@ def pixel_ssr_loss(model: DyProMamba, rgb: torch.Tensor, hsi: torch.Tensor, y3: 
         if model.h2r is None:
             raise ValueError("L_P2I needs M_H2R, which this model does not have (no DRPN, or built without it)")
         terms["p2i"] = (rgb - model.h2r(y3)).abs().mean()  # Eq. (14), L_P2I = |X - H2R(Y3)|
+    if weights["smooth"]:  # spectra are smooth and non-negative: mean (Y_{i+1} - Y_i)^2 + mean max(0, -Y)
+        terms["smooth"] = (hsi[:, 1:] - hsi[:, :-1]).square().mean() + F.relu(-hsi).mean()
     return sum(weights[k] * v for k, v in terms.items()), terms
 
 

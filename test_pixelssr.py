@@ -2012,3 +2012,89 @@ def test_every_backbone_fits_two_steps_and_evaluates_on_a_real_crop(backbone, tm
     assert train.main(["eval", "--ckpt", str(run / "last.pt"), "--out", str(tmp_path / "ev"), "--seeds", "1"]) == 0
     report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert math.isfinite(report["overall"]["psnr"]["mean"])
+
+
+def test_image_level_run_keeps_the_rule_not_the_spectra_and_every_pixel_supervises(tmp_path, monkeypatch):
+    """--label-ratio 1: the checkpoint holds {"every_pixel": (H, W)} per scene, not the spectra (a ~0.8 GB
+    file on CAVE, rewritten every epoch); every pixel of every patch reaches L_pHSI with its own spectrum; no
+    point cube by default (the paper's supervised baselines); eval re-derives the labels for its regression."""
+    root = _demo_dir(tmp_path)
+    calls = _loss_input_spy(monkeypatch)
+    run = tmp_path / "run"
+    assert train.main(["fit", "--data", str(root), "--out", str(run), "--epochs", "1", "--label-ratio", "1",
+                       "--test-scenes", "demo_02", *FAST]) == 0
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert {n: v["every_pixel"].tolist() for n, v in ckpt["labels"].items()} == {"demo_00": [48, 48], "demo_01": [48, 48]}
+    assert ckpt["model_config"]["points"] == "zeros"
+    assert calls and all(mask.all() for _, _, mask in calls)
+    assert all(torch.equal(target, target * mask) and (target.sum(1) > 0).all() for _, target, mask in calls)
+    assert train.main(["eval", "--ckpt", str(run / "last.pt"), "--out", str(tmp_path / "ev"), "--seeds", "1"]) == 0
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert report["labelled_pixels"] == 2 * 48 * 48 and "root_poly_baseline" in report
+
+
+@needs_data
+def test_smoothest_spectra_are_non_negative_consistent_with_the_rgb_and_no_rougher_than_the_truth():
+    """The classical unsupervised answer on a real crop: every spectrum >= 0, its RGB the pixel's, and — the
+    truth being one non-negative spectrum with that RGB — no rougher than the truth (sum of squared band
+    differences), pixel by pixel. Guards against a solve that drops the constraint (negative values) or the
+    consistency, or minimises something else."""
+    hsi = data.load_scene(DATA / "cave" / "fake_and_real_sushi_ms")[200:232, 200:232].reshape(-1, 31).astype(np.float64)
+    s = data.srf_matrix().astype(np.float64)
+    y = train.smoothest_spectra(hsi @ s.T, s)
+    rough = lambda z: np.square(np.diff(z, axis=1)).sum(1)  # noqa: E731
+    assert (y >= 0).all()
+    np.testing.assert_allclose(y @ s.T, hsi @ s.T, atol=1e-4)
+    assert (rough(y) <= rough(hsi) + 1e-6).all()
+    assert (hsi @ s.T).min() >= 0 and ((y == 0).any(1)).any()  # the constraint was active somewhere
+
+
+@needs_data
+def test_unsupervised_mode_trains_the_prior_and_eval_reports_the_smoothest_baseline(tmp_path, monkeypatch):
+    """--label-ratio 0 on real crops: the loss has the smoothness prior (weight saved with the run), no label
+    reaches it, the network's spectra are non-negative, and eval reports the smoothest-spectrum answer beside
+    the network (there are no labels for a regression)."""
+    root, run = _real_crops(tmp_path), tmp_path / "run"
+    terms = []
+    monkeypatch.setattr(P, "pixel_ssr_loss", lambda *a, _real=P.pixel_ssr_loss: terms.append(_real(*a)[1]) or _real(*a))
+    assert train.main(["fit", "--data", str(root), "--out", str(run), "--epochs", "1", "--label-ratio", "0",
+                       "--test-scenes", _REAL_TEST, "--patch", "16", "--stride", "64", "--batch-size", "6"]) == 0
+    assert train.parse_weights(torch.load(run / "last.pt", weights_only=True)["train_config"]["loss_weights"])["smooth"] > 0
+    assert terms and all("smooth" in t and t["phsi"] == 0 for t in terms)
+    assert train.main(["eval", "--ckpt", str(run / "last.pt"), "--out", str(tmp_path / "ev"), "--seeds", "1"]) == 0
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert "smoothest_baseline" in report and "root_poly_baseline" not in report
+    assert min(report["scenes"][_REAL_TEST]["bands"]["band_raw_mean"]) >= 0
+
+
+def test_table_writes_every_row_and_a_second_call_after_an_interruption_redoes_nothing_finished(tmp_path, monkeypatch):
+    """`table modes` on tiny budgets: a first call is interrupted in the second row's eval; the second call
+    neither refits nor re-evaluates the first row, resumes the second row's fit (no step redone) and runs the
+    third; table.md then has every row and a baseline row per label ratio, and table.json every run."""
+    root, out = _demo_dir(tmp_path), tmp_path / "table"
+    argv = ["table", "modes", "--data", str(root), "--out", str(out), "--test-scenes", "demo_02", "--epochs", "1", *FAST]
+    fits, evals, real_fit, real_eval = [], [], train.fit, train.evaluate
+
+    def eval_then_stop(args):
+        evals.append(args.ckpt)
+        if len(evals) == 2:
+            raise KeyboardInterrupt
+        return real_eval(args)
+
+    monkeypatch.setattr(train, "fit", lambda args: fits.append(args) or real_fit(args))
+    monkeypatch.setattr(train, "evaluate", eval_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv)
+    second = out / train.row_dir(train.TABLES["modes"][1][0]) / "seed0"
+    step = torch.load(second / "last.pt", weights_only=True)["step"]
+    fits.clear(), evals.clear()
+    monkeypatch.setattr(train, "evaluate", lambda args: evals.append(args.ckpt) or real_eval(args))
+    assert train.main(argv) == 0
+    assert [f.resume for f in fits] == [True, False] and Path(fits[0].out) == second
+    assert torch.load(second / "last.pt", weights_only=True)["step"] == step
+    assert [Path(c).parent for c in evals] == [second, out / train.row_dir(train.TABLES["modes"][2][0]) / "seed0"]
+    md = (out / "table.md").read_text()
+    assert all(label in md for label, _ in train.TABLES["modes"])
+    # the classical rows: unsupervised and image-level (0.01 % of a 48 x 48 scene is one pixel, too few to regress)
+    assert "smoothest non-negative spectrum" in md and md.count("root-polynomial regression") == 1
+    assert len(json.loads((out / "table.json").read_text())["rows"]) == 3
