@@ -10,6 +10,8 @@ Sections:
          against and against a Blelloch parallel scan, the usual pure-PyTorch alternative: forward,
          forward+backward and peak memory at b=1, d=64, n=16, l in {1024, 4096, 16384};
   frft   frft2 against torch.fft.fft2 at (4, 40, 128, 128) float32, the Spa-FRFT branch's shape;
+  bodies the universal paradigm's bodies (dypro, mst++, hscnn+; Table 2): parameters and MACs at 128x128
+         with and without the shared DRPN, beside the paper's Table 10 and the bodies' own papers;
   model  DyPro-Mamba's parameters and FLOPs (torch.utils.flop_counter; multiply-accumulates, as the
          paper counts them), forward and forward+backward per 128x128 patch, training steps per
          second at batch 8 of 128x128, and whole-image inference on a 512x512 scene.
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+import backbones
 import data
 import pixelssr as P
 from frft import frft2
@@ -220,6 +223,29 @@ def _macs(fn) -> float:
     return counter.get_total_flops() / 2
 
 
+# Table 10 of the paper (params in M, FLOPs in G at 128x128, multiply-accumulates); HSCNN+ is not in it:
+# the MST++ paper's table gives 4.65 M and 304.45 G at 256x256, i.e. 76.1 G at 128x128
+TABLE_10 = {"dypro": (0.61, 4.65), "mst++": (1.62, 5.83), "hscnn+": (4.65, 304.45 / 4)}
+
+
+def bench_bodies(device: torch.device) -> None:
+    """Each body with the shared DRPN and without it (Table 4's "no DRPN": the body fed the point cube):
+    inference parameters (no H2R, which only L_P2I uses) and MACs of one 1x3x128x128 forward."""
+    rgb = torch.rand(1, 3, 128, 128, device=device)
+    pts = P.sample_points((1, 31, 128, 128), 1e-4, 2.0, 0.1, device=device)
+    print(f"\nbodies of the universal paradigm at 1x3x128x128 on {device} (MACs = flop_counter / 2; paper: Table 10, "
+          f"hscnn+ from the MST++ paper's table scaled to 128x128)")
+    print(f"{'body':<8}{'params M':>10}{'MACs G':>9}{'no DRPN: M':>12}{'MACs G':>9}{'paper M':>9}{'paper G':>9}")
+    for name in ("dypro", *backbones.BODIES):
+        row = []
+        for use_drpn in (True, False):
+            torch.manual_seed(0)
+            model = P.DyProMamba(P.Config(backbone=name, use_drpn=use_drpn, h2r=False)).to(device).eval()
+            with torch.no_grad():
+                row += [sum(p.numel() for p in model.parameters()) / 1e6, _macs(lambda: model(rgb, pts)) / 1e9]
+        print(f"{name:<8}{row[0]:>10.3f}{row[1]:>9.2f}{row[2]:>12.3f}{row[3]:>9.2f}{TABLE_10[name][0]:>9.2f}{TABLE_10[name][1]:>9.2f}")
+
+
 def bench_model(device: torch.device, batch: int, repeat: int) -> None:
     """DyPro-Mamba: size, FLOPs, forward / forward+backward per 128x128 patch, training steps at `batch`
     patches of 128x128, and whole-image inference at 512x512 (a CAVE scene)."""
@@ -282,7 +308,7 @@ def bench_model(device: torch.device, batch: int, repeat: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", default=["scan", "frft", "model"], choices=["scan", "frft", "model"])
+    ap.add_argument("--only", nargs="*", default=["scan", "frft", "bodies", "model"], choices=["scan", "frft", "bodies", "model"])
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--batch", type=int, default=8, help="training batch of 128x128 patches")
@@ -295,7 +321,7 @@ def main() -> None:
                           "cpu" if args.device == "auto" else args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"pixelssr bench on {name}, torch {torch.__version__}")
-    sections = {"scan": lambda: bench_scan(device), "frft": lambda: bench_frft(device),
+    sections = {"scan": lambda: bench_scan(device), "frft": lambda: bench_frft(device), "bodies": lambda: bench_bodies(device),
                 "model": lambda: bench_model(device, args.batch, args.repeat)}
     for s in args.only:
         sections[s]()

@@ -12,10 +12,12 @@ What is here, in reading order (the paper's sections and equations):
   - root_poly_features, the classical baseline's RGB terms (Finlayson et al. 2015)
   - building blocks: LayerNorm2d, SpectralPrompt, SpectralAttention, FFN, PromptSSM
   - DRPN, the Dynamic Receptive Prompt Neck                          Sec. 3.2.1, Eq. (4)-(7)
-  - DyProMamba, the U-shaped network of PromptSSMs                   Sec. 3.2.2, Eq. (8)-(9)
+  - PromptSSMU, the U-shaped body of three PromptSSMs                Sec. 3.2.2, Eq. (8)-(9)
+  - DyProMamba, the network: DRPN, a body (PromptSSMU or one of backbones.py's, Table 2), the output layer
   - losses                                                           Supp. Sec. 7, Eq. (14)-(15)
   - metrics: rmse, psnr, psnr_bandwise, ssim, sam (and mrae, NTIRE's)  Supp. Sec. 6, Eq. (10)-(13)
-The FRFT lives in frft.py and the selective scan (M_scan, SS2D) in ssm.py.
+The FRFT lives in frft.py, the selective scan (M_scan, SS2D) in ssm.py, and the other bodies of the
+universal paradigm (Sec. 4.3, Table 2: MST++, HSCNN+) in backbones.py.
 
 Glossary (code name = paper symbol):
   rgb        = X, the RGB image (b, 3, h, w)            points = Y_g^p, Gamma point spectra (b, 31, h, w)
@@ -26,6 +28,7 @@ Glossary (code name = paper symbol):
   srf        = S, the 3x31 spectral response (X = S.Y)    h2r    = M_H2R, HSI-to-RGB map of L_P2I
   prior      = M, root-polynomial RGB-to-spectrum map (6, 31), only with Config.prior = "rootpoly" (not the paper's)
   C          = cfg.width (the paper's B = 40)             ratio  = omega, the label ratio
+  body       = the dotted box of Fig. 3: Y3 and P_spe (and X) in, the 31 bands before the output layer out
 """
 
 import math
@@ -56,8 +59,13 @@ class Config:
     use_hf: bool = True             # P_hf, the Spa-HF prompt branch (Table 4)
     use_spe: bool = True            # P_spe, the spectral prompt handed to every PromptSSM (Table 4)
     use_prompt_ssm: bool = True     # PromptSSM's prompted spectral attention; off = plain SS2D + FFN block (Table 4)
+    use_drpn: bool = True           # the whole DRPN (Table 4, row 4): off = the body gets the point cube as Y3, no P_spe
     spa_transform: str = "frft"     # "frft" or "fft": the transform of the P_spa branch (Table 5)
     points: str = "gamma"           # "gamma", "gaussian" or "zeros": the input point spectra (Table 3)
+    # the body in Fig. 3's dotted box (Table 2, the universal paradigm): "dypro", the paper's U of PromptSSMs
+    # (PromptSSMU below), or one of backbones.BODIES ("mst++", "hscnn+"), fed the same DRPN output
+    backbone: str = "dypro"
+    h2r: bool = True                # build M_H2R, the training-only head of L_P2I; train.py turns it off with that term
     # the output layer (see DyProMamba.head): "abs" = |conv3(.)|, non-negative as spectra are, yet never
     # saturated (its gradient is +-1 everywhere) and blind to the sign a band's weights happen to take;
     # "linear" = the paper's bare conv3, whose bands trained networks flipped (README, "What training fixes")
@@ -217,13 +225,13 @@ class SpectralAttention(nn.Module):
 class FFN(nn.Module):
     """1x1 up, GELU, depthwise 3x3, GELU, 1x1 down: the paper's 'efficient FFN' (as MST++)."""
 
-    def __init__(self, width: int, mult: int):
+    def __init__(self, width: int, mult: int, bias: bool = True):  # MST++'s has no biases
         super().__init__()
         hidden = mult * width
         self.net = nn.Sequential(
-            nn.Conv2d(width, hidden, 1), nn.GELU(),
-            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden), nn.GELU(),
-            nn.Conv2d(hidden, width, 1),
+            nn.Conv2d(width, hidden, 1, bias=bias), nn.GELU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=bias), nn.GELU(),
+            nn.Conv2d(hidden, width, 1, bias=bias),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -313,14 +321,13 @@ class DRPN(nn.Module):
         self.y1 = nn.Sequential(conv3(nb + 1, nb), nn.GELU(), conv3(nb, nb))
         self.y2 = conv3(nb + c, nb) if cfg.use_spa else None
         self.y3 = conv3(nb + c, nb) if cfg.use_hf else None
-        # one P_spe per PromptSSM: (width, heads, downsampling) of that block
-        self.n_blocks = len(prompt_shapes)
-        use_spe = cfg.use_spe and cfg.use_prompt_ssm
-        self.spe = nn.ModuleList(SpectralPrompt(nb, w, h, s) for w, h, s in prompt_shapes) if use_spe else None
+        # one P_spe per prompted block of the body: (width, heads, downsampling) of that block; a body without
+        # prompted attention (no PromptSSM attention, or another backbone) asks for none
+        self.spe = nn.ModuleList(SpectralPrompt(nb, w, h, s) for w, h, s in prompt_shapes) if cfg.use_spe else None
 
-    def forward(self, rgb: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """rgb (b, 3, h, w), points (b, 31, h, w) -> Y3 (b, 31, h, w) and one P_spe (b, heads, d, d) or
-        None per PromptSSM."""
+    def forward(self, rgb: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """rgb (b, 3, h, w), points (b, 31, h, w) -> Y3 (b, 31, h, w) and one P_spe (b, heads, d, d) per
+        prompted block of the body, or None."""
         f1 = self.f1(rgb) if self.f1 is not None else None  # Eq. (4), (b, C, h, w)
         x_m = rgb.mean(1, keepdim=True)  # Eq. (6), X_m
         y = self.y1(torch.cat([points, x_m], 1))  # Eq. (6), Y1
@@ -330,27 +337,32 @@ class DRPN(nn.Module):
             h, w = f1.shape[-2:]
             f2 = F.interpolate(F.avg_pool2d(f1, 2, ceil_mode=True), scale_factor=2, mode="nearest")[..., :h, :w]  # Eq. (5)
             y = self.y3(torch.cat([y, self.hf(f1 - f2)], 1))  # Eq. (5) P_hf, then Eq. (7) Y3
-        p_spe = [p(y) for p in self.spe] if self.spe is not None else [None] * self.n_blocks
-        return y, p_spe
+        return y, [p(y) for p in self.spe] if self.spe else None
 
 
 # -----------------------------------------------------------------------------
 # DyPro-Mamba (Sec. 3.2.2)
 
-class DyProMamba(nn.Module):
-    """The full network: DRPN, then a two-level U of three PromptSSMs, Eq. (8).
+class PromptSSMU(nn.Module):
+    """DyPro-Mamba's body, the dotted box of Fig. 3: a two-level U of three PromptSSMs, Eq. (8).
 
-    forward(rgb (b, 3, h, w), points (b, 31, h, w)) -> (hsi (b, 31, h, w), y3 (b, 31, h, w)), any h, w:
-    odd sizes are padded to even for the one down-sampling (RGB by edge replication, points by zeros
-    so no measured spectrum is duplicated) and cropped back.
+    The interface every body has (backbones.py): `prompt_shapes(cfg)`, the (width, heads, downsampling) of
+    each block that takes a P_spe (empty: none), asked before the body is built so that the DRPN is built
+    (and initialised) first; `multiple`, what h and w must divide (DyProMamba pads to it);
+    `out`, the last layer, which --prior rootpoly zeroes; forward(rgb (b, 3, h, w), y3 (b, 31, h, w),
+    p_spe: list or None) -> (b, 31, h, w), before the output layer's |.|.
     """
 
-    def __init__(self, cfg: Config | None = None):
+    multiple = 2  # one down-sampling
+
+    @staticmethod
+    def prompt_shapes(cfg: Config) -> list[tuple[int, int, int]]:
+        c, hd = cfg.width, cfg.heads
+        return [(c, hd, 1), (2 * c, 2 * hd, 2), (c, hd, 1)] if cfg.use_prompt_ssm else []
+
+    def __init__(self, cfg: Config):
         super().__init__()
-        cfg = Config() if cfg is None else cfg  # a fresh default each time: a shared one would be mutable state
-        self.cfg = cfg
         c, nb, hd = cfg.width, cfg.bands, cfg.heads
-        self.drpn = DRPN(cfg, [(c, hd, 1), (2 * c, 2 * hd, 2), (c, hd, 1)])
         self.embed = conv3(3, c)                      # Eq. (8), M_3x3(X)
         self.fuse_in = conv3(c + nb, c)               # Eq. (8), Y4
         self.enc = PromptSSM(cfg, c, hd)
@@ -360,28 +372,60 @@ class DyProMamba(nn.Module):
         self.skip = nn.Conv2d(2 * c, c, 1)            # fuses the up-sampled path with the level-0 skip
         self.dec = PromptSSM(cfg, c, hd)
         self.out = conv3(c, nb)                       # Eq. (8), Y^r
-        self.h2r = nn.Sequential(conv3(nb, nb), nn.GELU(), conv3(nb, 3))  # M_H2R of L_P2I, training only
+
+    def forward(self, rgb: torch.Tensor, y3: torch.Tensor, p_spe: list[torch.Tensor] | None) -> torch.Tensor:
+        p0, p1, p2 = p_spe or (None, None, None)
+        y4 = self.fuse_in(torch.cat([self.embed(rgb), y3], 1))  # Eq. (8), Y4
+        e = self.enc(y4, p0)
+        m = self.mid(self.down(e), p1)
+        y5 = self.skip(torch.cat([self.up(m), e], 1))  # Eq. (8), Y5
+        return self.out(self.dec(y5, p2))  # Eq. (8), Y^r before the output layer's |.|
+
+
+class DyProMamba(nn.Module):
+    """The full network: DRPN, then a body (Fig. 3's dotted box: PromptSSMU, or cfg.backbone's), then the
+    output layer.
+
+    forward(rgb (b, 3, h, w), points (b, 31, h, w)) -> (hsi (b, 31, h, w), y3 (b, 31, h, w)), any h, w:
+    sizes the body cannot take are padded to its multiple (RGB by edge replication, points by zeros so no
+    measured spectrum is duplicated) and cropped back. Without the DRPN (cfg.use_drpn off, Table 4's row
+    without it) the body's Y3 is the point cube itself, and that is what comes back as y3.
+    """
+
+    def __init__(self, cfg: Config | None = None):
+        super().__init__()
+        cfg = Config() if cfg is None else cfg  # a fresh default each time: a shared one would be mutable state
+        self.cfg = cfg
+        nb = cfg.bands
+        from backbones import BODIES  # here, not at the top: backbones.py builds on this file's blocks
+        bodies = {"dypro": PromptSSMU, **BODIES}
+        if cfg.backbone not in bodies:
+            raise ValueError(f"unknown backbone {cfg.backbone!r}: use one of {', '.join(bodies)}")
         if cfg.output not in ("abs", "linear") or cfg.prior not in ("none", "rootpoly"):
             raise ValueError(f"output must be abs or linear and prior none or rootpoly, got {cfg.output!r}, {cfg.prior!r}")
+        if cfg.prior == "rootpoly" and cfg.backbone != "dypro":
+            raise ValueError(f"prior rootpoly starts the dypro body at zero; the {cfg.backbone} body has no such start")
+        body = bodies[cfg.backbone]
+        self.drpn = DRPN(cfg, body.prompt_shapes(cfg)) if cfg.use_drpn else None
+        self.body = body(cfg)
+        # M_H2R of L_P2I, training only; it maps Y3 to RGB, so without the DRPN there is nothing for it to constrain
+        self.h2r = nn.Sequential(conv3(nb, nb), nn.GELU(), conv3(nb, 3)) if cfg.h2r and cfg.use_drpn else None
         if cfg.prior == "rootpoly":
             self.register_buffer("prior", torch.zeros(6, nb))  # set by train.py from the labelled pixels
-            nn.init.zeros_(self.out.weight)  # start at the prior: the network learns a correction
-            nn.init.zeros_(self.out.bias)
+            nn.init.zeros_(self.body.out.weight)  # start at the prior: the network learns a correction
+            nn.init.zeros_(self.body.out.bias)
         else:
             self.prior = None
 
     def forward(self, rgb: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = rgb.shape[-2:]
-        ph, pw = h % 2, w % 2
+        k = self.body.multiple
+        ph, pw = -h % k, -w % k
         if ph or pw:
             rgb = F.pad(rgb, (0, pw, 0, ph), mode="replicate")
             points = F.pad(points, (0, pw, 0, ph))
-        y3, (p0, p1, p2) = self.drpn(rgb, points)
-        y4 = self.fuse_in(torch.cat([self.embed(rgb), y3], 1))  # Eq. (8), Y4
-        e = self.enc(y4, p0)
-        m = self.mid(self.down(e), p1)
-        y5 = self.skip(torch.cat([self.up(m), e], 1))  # Eq. (8), Y5
-        hsi = self.head(self.out(self.dec(y5, p2)), rgb)  # Eq. (8), Y^r
+        y3, p_spe = self.drpn(rgb, points) if self.drpn is not None else (points, None)
+        hsi = self.head(self.body(rgb, y3, p_spe), rgb)  # Eq. (8), Y^r
         return hsi[..., :h, :w], y3[..., :h, :w]
 
     def head(self, y: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
@@ -402,7 +446,9 @@ class DyProMamba(nn.Module):
 # -----------------------------------------------------------------------------
 # Losses (supplementary Sec. 7)
 
-LOSS_WEIGHTS = {"phsi": 1.0, "rep": 1.0, "ssim": 0.3, "p2i": 0.3}  # Eq. (15): 1, beta1, beta2, beta3
+# Eq. (15): 1, beta1, beta2, beta3; and "smooth", the physical prior of the unsupervised mode (not the paper's,
+# 0 = off; train.py turns it on at omega = 0, where nothing else ties the spectra outside what the camera sees)
+LOSS_WEIGHTS = {"phsi": 1.0, "rep": 1.0, "ssim": 0.3, "p2i": 0.3, "smooth": 0.0}
 
 
 def pixel_ssr_loss(model: DyProMamba, rgb: torch.Tensor, hsi: torch.Tensor, y3: torch.Tensor,
@@ -414,19 +460,30 @@ def pixel_ssr_loss(model: DyProMamba, rgb: torch.Tensor, hsi: torch.Tensor, y3: 
     band inverted: on the paper's bare conv its gradient pushed flipped bands further down (README).
 
     rgb (b, 3, h, w); hsi = Y^r and y3 = Y3 (b, 31, h, w); target (b, 31, h, w), read only where
-    mask (b, 1, h, w, bool) is set; srf (3, 31); weights: the four weights (default LOSS_WEIGHTS).
-    Returns (total, {term name: value}) so that training can log every term.
+    mask (b, 1, h, w, bool) is set; srf (3, 31); weights: the terms' weights (default LOSS_WEIGHTS; its
+    "smooth" is the unsupervised mode's prior, smoothness plus a hinge on negative values that the default
+    |.| output never meets: the loss the classical smoothest-spectrum answer minimises, train.smoothest_spectra).
+    Returns (total, {term name: value}) so that training can log every term. A term of weight 0 is not
+    computed at all (Table 6's "w/o" rows): it is absent from the dict and nothing flows through it.
     """
     weights = LOSS_WEIGHTS if weights is None else weights
-    n_lab = mask.sum()
-    if n_lab > 0:  # Eq. (14), L_pHSI: mean |Y^r - Y^p| over labelled pixels only
-        l_phsi = ((hsi - target).abs() * mask).sum() / (n_lab * hsi.shape[1])
-    else:
-        l_phsi = hsi.new_zeros(())
-    l_rep = (rgb - torch.einsum("cn,bnhw->bchw", srf, hsi)).abs().mean()  # Eq. (14), L_rep = |X - S.Y^r|
-    l_ssim = 1 - _ssim(hsi[:, :-1], hsi[:, 1:]).mean()  # Eq. (14), L_SSIM over adjacent bands (i, i+1)
-    l_p2i = (rgb - model.h2r(y3)).abs().mean()  # Eq. (14), L_P2I = |X - H2R(Y3)|
-    terms = {"phsi": l_phsi, "rep": l_rep, "ssim": l_ssim, "p2i": l_p2i}
+    terms = {}
+    if weights["phsi"]:
+        n_lab = mask.sum()
+        if n_lab > 0:  # Eq. (14), L_pHSI: mean |Y^r - Y^p| over labelled pixels only
+            terms["phsi"] = ((hsi - target).abs() * mask).sum() / (n_lab * hsi.shape[1])
+        else:
+            terms["phsi"] = hsi.new_zeros(())
+    if weights["rep"]:
+        terms["rep"] = (rgb - torch.einsum("cn,bnhw->bchw", srf, hsi)).abs().mean()  # Eq. (14), L_rep = |X - S.Y^r|
+    if weights["ssim"]:
+        terms["ssim"] = 1 - _ssim(hsi[:, :-1], hsi[:, 1:]).mean()  # Eq. (14), L_SSIM over adjacent bands (i, i+1)
+    if weights["p2i"]:
+        if model.h2r is None:
+            raise ValueError("L_P2I needs M_H2R, which this model does not have (no DRPN, or built without it)")
+        terms["p2i"] = (rgb - model.h2r(y3)).abs().mean()  # Eq. (14), L_P2I = |X - H2R(Y3)|
+    if weights["smooth"]:  # spectra are smooth and non-negative: mean (Y_{i+1} - Y_i)^2 + mean max(0, -Y)
+        terms["smooth"] = (hsi[:, 1:] - hsi[:, :-1]).square().mean() + F.relu(-hsi).mean()
     return sum(weights[k] * v for k, v in terms.items()), terms
 
 

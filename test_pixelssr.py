@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+import backbones
 import data
 import frft
 import pixelssr as P
@@ -699,17 +700,20 @@ def test_spa_hf_branch_is_fed_f1_minus_its_2x2_block_mean(h, w, seed):
 # every configuration the ablations build: nothing is built that the forward pass does not use
 CONFIGS = {"full": SMALL, "fft": dataclasses.replace(SMALL, spa_transform="fft"),
            "no_spatial_prompts": dataclasses.replace(SMALL, use_spa=False, use_hf=False),
-           **{f"no_{k[4:]}": dataclasses.replace(SMALL, **{k: False}) for k in ("use_spe", "use_prompt_ssm")}}
+           **{f"no_{k[4:]}": dataclasses.replace(SMALL, **{k: False}) for k in ("use_spe", "use_prompt_ssm", "use_drpn")},
+           **{b: dataclasses.replace(SMALL, backbone=b) for b in backbones.BODIES}}
 
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_gradient_reaches_every_parameter(config):
+    """Through the training loss (L_P2I only where there is an H2R), for every ablation and every backbone."""
     m = _model(CONFIGS[config])
-    rgb, pts = _inputs(2, 16, 16)
+    rgb, pts = _inputs(2, 15, 13)  # odd: the bodies' padding must pass gradients too
     hsi, y3 = m(rgb, pts)
-    mask = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
+    mask = torch.zeros(2, 1, 15, 13, dtype=torch.bool)
     mask[:, :, 3, 5] = True
-    loss, _ = P.pixel_ssr_loss(m, rgb, hsi, y3, torch.rand(2, 31, 16, 16) * mask, mask, torch.full((3, 31), 1 / 31))
+    weights = {**P.LOSS_WEIGHTS, "p2i": P.LOSS_WEIGHTS["p2i"] if m.h2r is not None else 0}
+    loss, _ = P.pixel_ssr_loss(m, rgb, hsi, y3, torch.rand(2, 31, 15, 13) * mask, mask, torch.full((3, 31), 1 / 31), weights)
     loss.backward()
     silent = [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not silent, f"no gradient reaches {silent}"
@@ -857,7 +861,7 @@ def _bypass(m: P.DyProMamba, switch: str) -> None:
     elif switch == "use_spe":
         m.drpn.spe = torch.nn.ModuleList(_IdentityPrompt(p) for p in m.drpn.spe)
     else:
-        for block in (m.enc, m.mid, m.dec):
+        for block in (m.body.enc, m.body.mid, m.body.dec):
             block.attn = _NoAttention()
 
 
@@ -866,7 +870,7 @@ ABLATIONS = {
     "use_spa": ("drpn.spa.", "drpn.y2."),
     "use_hf": ("drpn.hf.", "drpn.y3."),
     "use_spe": ("drpn.spe.",),
-    "use_prompt_ssm": ("drpn.spe.", *(f"{blk}.{sub}." for blk in ("enc", "mid", "dec") for sub in ("attn", "norm1"))),
+    "use_prompt_ssm": ("drpn.spe.", *(f"body.{blk}.{sub}." for blk in ("enc", "mid", "dec") for sub in ("attn", "norm1"))),
 }
 
 
@@ -897,6 +901,56 @@ def test_fft_ablation_drops_only_the_learnable_order():
     assert _n_params(full) - _n_params(fft) == 1 and fft.drpn.spa.order is None
     x = _inputs(1, 12, 12)
     assert not torch.allclose(full(*x)[0], fft(*x)[0])
+
+
+def test_without_the_drpn_the_body_gets_the_point_cube_and_nothing_of_the_neck_is_built():
+    """Table 4's row without the DRPN: no DRPN parameter and no M_H2R (L_P2I has no Y3 to constrain); the body
+    of a full model given the same weights and the point cube in place of Y3 (and no P_spe) computes the same.
+    Guards against a 'no DRPN' that keeps Y1's convs or the spectral prompts."""
+    full, cut = _model(), _model(dataclasses.replace(SMALL, use_drpn=False))
+    assert cut.drpn is None and cut.h2r is None
+    assert set(cut.state_dict()) == {k for k in full.state_dict() if k.startswith("body.")}
+    cut.load_state_dict({k: v for k, v in full.state_dict().items() if k.startswith("body.")})
+    rgb, pts = _inputs(2, 12, 10)
+    with torch.no_grad():
+        hsi, y3 = cut(rgb, pts)
+        expected = full.head(full.body(rgb, pts, None), rgb)
+    assert torch.equal(y3, pts)
+    _assert_close(hsi, expected, 1e-6)
+
+
+@pytest.mark.parametrize("weights", [{"ssim": 0}, {"p2i": 0}, {"phsi": 0, "rep": 0}])
+def test_a_loss_term_of_weight_zero_is_not_computed(weights, monkeypatch):
+    """Table 6's "w/o" rows: a term of weight 0 is absent from the terms, its computation never runs (no SSIM
+    call, no H2R forward) and no gradient comes through it; the total is the weighted sum of the others."""
+    m = _model()
+    hsi, y3, rgb, target, mask, srf = _loss_inputs()
+    calls = []
+    monkeypatch.setattr(P, "_ssim", lambda *a, _real=P._ssim: calls.append("ssim") or _real(*a))
+    m.h2r.register_forward_hook(lambda *a: calls.append("p2i"))
+    w = {**P.LOSS_WEIGHTS, **weights}
+    total, terms = P.pixel_ssr_loss(m, rgb, hsi, y3, target, mask, srf, w)
+    assert set(terms) == {k for k, v in w.items() if v}
+    assert not {"ssim", "p2i"} & set(weights) & set(calls)
+    torch.testing.assert_close(total, sum(w[k] * v for k, v in terms.items()))
+    total.backward()
+    if "p2i" in weights:
+        assert y3.grad is None and all(p.grad is None for p in m.h2r.parameters())
+
+
+def test_backbone_bodies_have_their_papers_parameter_counts():
+    """MST++ 1.62 M (Cai et al. 2022), HSCNN+ 4.65 M (HSCNN-D at 30 blocks, the MST++ paper's table): the body
+    alone, within 20 %. Its first convolution takes X and Y3 (34 channels, not 3), a few thousand more."""
+    for name, paper in backbones.PAPER_PARAMS.items():
+        body = backbones.BODIES[name](P.Config())
+        assert _n_params(body) == pytest.approx(paper, rel=0.2), name
+
+
+@MODEL_SETTINGS
+@given(name=st.sampled_from(list(backbones.BODIES)), h=st.integers(1, 13), w=st.integers(1, 13))
+def test_every_backbone_keeps_any_image_size(name, h, w):
+    hsi, y3 = _model(dataclasses.replace(SMALL, backbone=name))(*_inputs(1, h, w))
+    assert hsi.shape == y3.shape == (1, 31, h, w) and torch.isfinite(hsi).all()
 
 
 @pytest.mark.parametrize("inverse", [False, True])
@@ -2068,8 +2122,8 @@ def test_output_layer_is_non_negative_and_its_gradient_never_vanishes(seed, scal
 
 def _flip_band(m: P.DyProMamba, band: int) -> None:
     with torch.no_grad():
-        m.out.weight[band].neg_()
-        m.out.bias[band].neg_()
+        m.body.out.weight[band].neg_()
+        m.body.out.bias[band].neg_()
 
 
 def test_a_band_whose_last_layer_flips_sign_comes_out_unchanged():
@@ -2080,7 +2134,7 @@ def test_a_band_whose_last_layer_flips_sign_comes_out_unchanged():
     for output in ("abs", "linear"):
         m = _model(dataclasses.replace(SMALL, output=output)).eval()
         with torch.no_grad():
-            m.out.bias.fill_(0.3)  # a bright band, as real ones are
+            m.body.out.bias.fill_(0.3)  # a bright band, as real ones are
             before = m(*x)[0]
             _flip_band(m, 7)
             after = m(*x)[0]
@@ -2168,8 +2222,8 @@ def test_eval_reports_raw_band_means_and_warns_of_an_inverted_band(tmp_path, cap
     assert train.main(["fit", "--data", str(root), "--out", str(run), "--epochs", "1", "--label-ratio", "0.01",
                        "--test-scenes", "demo_02", "--output", "linear", *FAST]) == 0
     ckpt = torch.load(run / "last.pt", weights_only=True)
-    ckpt["model"]["out.weight"][8] = 0
-    ckpt["model"]["out.bias"][8] = -0.2
+    ckpt["model"]["body.out.weight"][8] = 0
+    ckpt["model"]["body.out.bias"][8] = -0.2
     torch.save(ckpt, run / "last.pt")
     assert train.main(["eval", "--ckpt", str(run / "last.pt"), "--out", str(tmp_path / "ev"), "--seeds", "1"]) == 0
     bands = json.loads((tmp_path / "ev" / "metrics.json").read_text())["scenes"]["demo_02"]["bands"]
@@ -2206,7 +2260,156 @@ def test_a_checkpoint_from_before_the_output_fix_keeps_its_linear_head(tmp_path)
                        "--output", "linear", "--no-label-patches", *FAST]) == 0
     ckpt = torch.load(run / "last.pt", weights_only=True)
     del ckpt["model_config"]["output"], ckpt["train_config"]["label_patches"]
+    del ckpt["model_config"]["backbone"]  # and from before the body was a module: its weights at the top level
+    ckpt["model"] = {k.removeprefix("body."): v for k, v in ckpt["model"].items()}
     torch.save(ckpt, run / "old.pt")
     old = train.load_checkpoint(str(run / "old.pt"))
     assert old["model_config"]["output"] == "linear" and old["train_config"]["label_patches"] is False
     assert train.build_model(old, torch.device("cpu")).cfg.output == "linear"
+
+
+# one fit per flag set: the switches of Tables 3-6 reach the checkpoint, and eval rebuilds that network
+_FLAG_SETS = {
+    "no_spa_no_prompt_ssm_gaussian": (["--no-spa", "--no-prompt-ssm", "--points", "gaussian"],
+                                      {"use_spa": False, "use_prompt_ssm": False, "points": "gaussian"}),
+    "no_hf_no_spe_fft_no_ssim": (["--no-hf", "--no-spe", "--spa-transform", "fft", "--loss-weights", "ssim=0"],
+                                 {"use_hf": False, "use_spe": False, "spa_transform": "fft"}),
+    "no_drpn": (["--no-drpn"], {"use_drpn": False, "h2r": False}),
+}
+
+
+@pytest.mark.parametrize("flags", _FLAG_SETS)
+def test_every_fit_flag_is_saved_in_the_checkpoint_and_eval_rebuilds_that_network(flags, tmp_path, monkeypatch):
+    """Each flag lands in the checkpoint's model config, the weights saved are that network's, and eval builds
+    exactly that network (its parameters are the checkpoint's, strictly) and runs it. Loss weights of 0 are
+    saved as given, and without the DRPN L_P2I's weight is saved as 0."""
+    argv, fields = _FLAG_SETS[flags]
+    root, run = _demo_dir(tmp_path), tmp_path / "run"
+    assert train.main(["fit", "--data", str(root), "--out", str(run), "--epochs", "1", "--test-scenes", "demo_02",
+                       *FAST, *argv]) == 0
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert {k: ckpt["model_config"][k] for k in fields} == fields
+    weights = train.parse_weights(ckpt["train_config"]["loss_weights"])
+    assert weights["ssim"] == (0 if "ssim=0" in argv else 0.3) and weights["p2i"] == (0 if "--no-drpn" in argv else 0.3)
+    built = []
+    monkeypatch.setattr(train, "build_model", lambda *a, _real=train.build_model: built.append(_real(*a)) or built[-1])
+    assert train.main(["eval", "--ckpt", str(run / "last.pt"), "--out", str(tmp_path / "ev"), "--seeds", "1"]) == 0
+    assert dataclasses.asdict(built[0].cfg) == ckpt["model_config"]
+    assert built[0].state_dict().keys() == ckpt["model"].keys()
+
+
+def test_resume_refuses_a_flag_that_contradicts_the_run_and_takes_a_new_time_budget(tmp_path, capsys):
+    """--resume continues a run with its own settings: a new --epochs (once silently dropped), a switch or a
+    loss weight that differs is one line naming the flag and exit code 2; the same values again, or a new
+    --max-minutes (the session's budget), are accepted."""
+    root, run = _demo_dir(tmp_path), tmp_path / "run"
+    base = ["fit", "--data", str(root), "--out", str(run), "--test-scenes", "demo_02", *FAST]
+    assert train.main(base + ["--epochs", "1", "--loss-weights", "ssim=0"]) == 0
+    capsys.readouterr()
+    for flags, named in ((["--epochs", "2"], "--epochs"), (["--no-spa"], "--no-spa"), (["--loss-weights", "ssim=0.3"],
+                         "--loss-weights"), (["--test-scenes", "demo_01"], "--test-scenes")):
+        assert train.main(base + ["--resume", *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and named in err and "contradicts" in err and "Traceback" not in err
+    assert train.main(base + ["--resume", "--epochs", "1", "--loss-weights", "rep=1,ssim=0", "--max-minutes", "5"]) == 0
+
+
+@needs_data
+@pytest.mark.parametrize("backbone", list(backbones.BODIES))
+def test_every_backbone_fits_two_steps_and_evaluates_on_a_real_crop(backbone, tmp_path):
+    """With the shared DRPN, point spectra and losses: two training steps on real crops, then eval's report."""
+    root, run = _real_crops(tmp_path), tmp_path / "run"
+    assert train.main(["fit", "--data", str(root), "--out", str(run), "--epochs", "1", "--label-ratio", "0.01",
+                       "--test-scenes", _REAL_TEST, "--patch", "16", "--stride", "64", "--batch-size", "6",
+                       "--backbone", backbone]) == 0
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["model_config"]["backbone"] == backbone
+    assert train.main(["eval", "--ckpt", str(run / "last.pt"), "--out", str(tmp_path / "ev"), "--seeds", "1"]) == 0
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert math.isfinite(report["overall"]["psnr"]["mean"])
+
+
+def test_image_level_run_keeps_the_rule_not_the_spectra_and_every_pixel_supervises(tmp_path, monkeypatch):
+    """--label-ratio 1: the checkpoint holds {"every_pixel": (H, W)} per scene, not the spectra (a ~0.8 GB
+    file on CAVE, rewritten every epoch); every pixel of every patch reaches L_pHSI with its own spectrum; no
+    point cube by default (the paper's supervised baselines); eval re-derives the labels for its regression."""
+    root = _demo_dir(tmp_path)
+    calls = _loss_input_spy(monkeypatch)
+    run = tmp_path / "run"
+    assert train.main(["fit", "--data", str(root), "--out", str(run), "--epochs", "1", "--label-ratio", "1",
+                       "--test-scenes", "demo_02", *FAST]) == 0
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert {n: v["every_pixel"].tolist() for n, v in ckpt["labels"].items()} == {"demo_00": [48, 48], "demo_01": [48, 48]}
+    assert ckpt["model_config"]["points"] == "zeros"
+    assert calls and all(mask.all() for _, _, mask in calls)
+    assert all(torch.equal(target, target * mask) and (target.sum(1) > 0).all() for _, target, mask in calls)
+    assert train.main(["eval", "--ckpt", str(run / "last.pt"), "--out", str(tmp_path / "ev"), "--seeds", "1"]) == 0
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert report["labelled_pixels"] == 2 * 48 * 48 and "root_poly_baseline" in report
+
+
+@needs_data
+def test_smoothest_spectra_are_non_negative_consistent_with_the_rgb_and_no_rougher_than_the_truth():
+    """The classical unsupervised answer on a real crop: every spectrum >= 0, its RGB the pixel's, and — the
+    truth being one non-negative spectrum with that RGB — no rougher than the truth (sum of squared band
+    differences), pixel by pixel. Guards against a solve that drops the constraint (negative values) or the
+    consistency, or minimises something else."""
+    hsi = data.load_scene(DATA / "cave" / "fake_and_real_sushi_ms")[200:232, 200:232].reshape(-1, 31).astype(np.float64)
+    s = data.srf_matrix().astype(np.float64)
+    y = train.smoothest_spectra(hsi @ s.T, s)
+    rough = lambda z: np.square(np.diff(z, axis=1)).sum(1)  # noqa: E731
+    assert (y >= 0).all()
+    np.testing.assert_allclose(y @ s.T, hsi @ s.T, atol=1e-4)
+    assert (rough(y) <= rough(hsi) + 1e-6).all()
+    assert (hsi @ s.T).min() >= 0 and ((y == 0).any(1)).any()  # the constraint was active somewhere
+
+
+@needs_data
+def test_unsupervised_mode_trains_the_prior_and_eval_reports_the_smoothest_baseline(tmp_path, monkeypatch):
+    """--label-ratio 0 on real crops: the loss has the smoothness prior (weight saved with the run), no label
+    reaches it, the network's spectra are non-negative, and eval reports the smoothest-spectrum answer beside
+    the network (there are no labels for a regression)."""
+    root, run = _real_crops(tmp_path), tmp_path / "run"
+    terms = []
+    monkeypatch.setattr(P, "pixel_ssr_loss", lambda *a, _real=P.pixel_ssr_loss: terms.append(_real(*a)[1]) or _real(*a))
+    assert train.main(["fit", "--data", str(root), "--out", str(run), "--epochs", "1", "--label-ratio", "0",
+                       "--test-scenes", _REAL_TEST, "--patch", "16", "--stride", "64", "--batch-size", "6"]) == 0
+    assert train.parse_weights(torch.load(run / "last.pt", weights_only=True)["train_config"]["loss_weights"])["smooth"] > 0
+    assert terms and all("smooth" in t and t["phsi"] == 0 for t in terms)
+    assert train.main(["eval", "--ckpt", str(run / "last.pt"), "--out", str(tmp_path / "ev"), "--seeds", "1"]) == 0
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert "smoothest_baseline" in report and "root_poly_baseline" not in report
+    assert min(report["scenes"][_REAL_TEST]["bands"]["band_raw_mean"]) >= 0
+
+
+def test_table_writes_every_row_and_a_second_call_after_an_interruption_redoes_nothing_finished(tmp_path, monkeypatch):
+    """`table modes` on tiny budgets: a first call is interrupted in the second row's eval; the second call
+    neither refits nor re-evaluates the first row, resumes the second row's fit (no step redone) and runs the
+    third; table.md then has every row and a baseline row per label ratio, and table.json every run."""
+    root, out = _demo_dir(tmp_path), tmp_path / "table"
+    argv = ["table", "modes", "--data", str(root), "--out", str(out), "--test-scenes", "demo_02", "--epochs", "1", *FAST]
+    fits, evals, real_fit, real_eval = [], [], train.fit, train.evaluate
+
+    def eval_then_stop(args):
+        evals.append(args.ckpt)
+        if len(evals) == 2:
+            raise KeyboardInterrupt
+        return real_eval(args)
+
+    monkeypatch.setattr(train, "fit", lambda args: fits.append(args) or real_fit(args))
+    monkeypatch.setattr(train, "evaluate", eval_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv)
+    second = out / train.row_dir(train.TABLES["modes"][1][0]) / "seed0"
+    step = torch.load(second / "last.pt", weights_only=True)["step"]
+    fits.clear(), evals.clear()
+    monkeypatch.setattr(train, "evaluate", lambda args: evals.append(args.ckpt) or real_eval(args))
+    assert train.main(argv) == 0
+    assert [f.resume for f in fits] == [True, False] and Path(fits[0].out) == second
+    assert torch.load(second / "last.pt", weights_only=True)["step"] == step
+    assert [Path(c).parent for c in evals] == [second, out / train.row_dir(train.TABLES["modes"][2][0]) / "seed0"]
+    md = (out / "table.md").read_text()
+    assert all(label in md for label, _ in train.TABLES["modes"])
+    # the classical rows: unsupervised and image-level (0.01 % of a 48 x 48 scene is one pixel, too few to regress)
+    assert "smoothest non-negative spectrum" in md and md.count("root-polynomial regression") == 1
+    assert len(json.loads((out / "table.json").read_text())["rows"]) == 3

@@ -5,6 +5,7 @@ Train, evaluate and apply Pixel-SSR: one script, read top to bottom.
   python train.py fit --data DIR --out RUN [--label-ratio 0.0001] [--epochs N | --max-minutes M] [--resume]
   python train.py eval --ckpt RUN/last.pt --data DIR --out DIR [--seeds K] [--scenes A B ...] [--envi] [--calib-points K]
   python train.py predict --ckpt CKPT --rgb IMAGE --out DIR [--input srgb|linear] [--exposure auto|F] [--envi] [--points FILE.csv]
+  python train.py table NAME --data DIR --out DIR [--max-minutes M] [--seeds K]   # one of the paper's tables
 
 The protocol (paper Sec. 3.1 and 4.1, DESIGN.md "train.py"):
   - every training scene gets one fixed set of labelled pixels, max(1, floor(omega.H.W)), drawn once
@@ -18,6 +19,11 @@ The protocol (paper Sec. 3.1 and 4.1, DESIGN.md "train.py"):
     the budget as it goes; eval reports per-band errors and raw band means, and warns of broken bands;
   - predict takes a camera's photo: sRGB decoded and mapped to S, exposure brought to the training level,
     warnings when it looks out of distribution; --points corrects the cube with measured spectra.
+
+Supervision modes (Table 2): --label-ratio 1 is image-level supervision (every pixel labelled, kept in the
+checkpoint as a rule, not as spectra; no point cube unless --points asks), 0 is unsupervised (the loss adds a
+prior of smooth, non-negative spectra, and eval sets the classical smoothest-spectrum answer beside it).
+`table NAME` runs one of the paper's tables (every row a fit and an eval per seed) and resumes a cut one.
 
 Exact resume: every random choice of a step (batch order, augmentation, Gamma cube) is drawn from a
 generator seeded by (run seed, epoch, step), so a checkpoint needs no RNG state to continue exactly.
@@ -38,9 +44,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.optimize
 import torch
 from tqdm import tqdm
 
+import backbones
 import data
 import pixelssr as P
 
@@ -121,6 +129,8 @@ def load_checkpoint(path: str) -> dict:
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise data.SceneError(f"{path}: not a pixelssr checkpoint (no {', '.join(missing)}).")
+    if "backbone" not in ckpt["model_config"]:  # before the body became a module of its own (pixelssr.PromptSSMU)
+        ckpt["model"] = {k if k.startswith(("drpn.", "h2r.", "prior")) else "body." + k: v for k, v in ckpt["model"].items()}
     for key, old in _BEFORE_FIELDS.items():
         ckpt[key] = {**old, **ckpt[key]}
     return ckpt
@@ -239,6 +249,24 @@ def fit_root_poly(rgb: np.ndarray, spectra: np.ndarray, ridge: float = 1e-6) -> 
     return np.linalg.solve(f.T @ f + ridge * np.eye(f.shape[1]), f.T @ np.asarray(spectra, dtype=np.float64))
 
 
+def smoothest_spectra(rgb: np.ndarray, srf: np.ndarray, consistency: float = 1e3) -> np.ndarray:
+    """The classical unsupervised answer: per pixel, the smoothest non-negative spectrum whose RGB is the
+    pixel's, y = argmin ||D y||^2 subject to S y = x and y >= 0, D the first difference along bands (on the
+    three sample training scenes it beat the second difference by 0.6-3.5 dB). rgb (k, 3), srf S (3, 31) ->
+    (k, 31). Without y >= 0 the solution is linear, y = Q^-1 S^T (S Q^-1 S^T)^-1 x with Q = D^T D (plus 1e-8 I:
+    constants are D's null space, which S y = x pins down); the few pixels where that goes negative are
+    solved again by non-negative least squares on [c.S; D] y = [c.x; 0], c large so that S y = x holds to
+    ~1e-5. Needs no label, so it is what the unsupervised network must beat."""
+    rgb, srf = np.asarray(rgb, dtype=np.float64), np.asarray(srf, dtype=np.float64)
+    d = np.diff(np.eye(srf.shape[1]), axis=0)  # (30, 31)
+    q_inv = np.linalg.inv(d.T @ d + 1e-8 * np.eye(srf.shape[1]))
+    y = rgb @ (q_inv @ srf.T @ np.linalg.inv(srf @ q_inv @ srf.T)).T  # (k, 31)
+    a, zeros = np.vstack([consistency * srf, d]), np.zeros(len(d))
+    for i in np.flatnonzero((y < 0).any(1)):
+        y[i] = scipy.optimize.nnls(a, np.concatenate([consistency * rgb[i], zeros]))[0]
+    return y
+
+
 # -----------------------------------------------------------------------------
 # a spectrometer's points at inference (beyond the paper)
 
@@ -324,7 +352,12 @@ def calibration_line(cal: dict) -> str:
 # fit
 
 def make_label_sets(scenes: dict[str, np.ndarray], ratio: float, seed: int, srf: torch.Tensor) -> dict:
-    """The fixed labelled pixels of every training scene: coords (k, 2), their spectra and RGB."""
+    """The fixed labelled pixels of every training scene as the checkpoint keeps them: coords (k, 2), their
+    spectra and RGB; at ratio 1 (image-level supervision: every pixel) only the rule and the scene's size,
+    {"every_pixel": (H, W)}, which expand_label_sets turns back into the pixels, so that a checkpoint does not
+    carry every training spectrum (~0.8 GB for the 20 CAVE training scenes, rewritten every epoch)."""
+    if ratio >= 1:
+        return {name: {"every_pixel": torch.tensor(hsi.shape[:2])} for name, hsi in scenes.items()}
     labels = {}
     for name, hsi in scenes.items():
         coords = data.draw_label_set(*hsi.shape[:2], ratio, data.scene_seed(seed, name))
@@ -332,6 +365,25 @@ def make_label_sets(scenes: dict[str, np.ndarray], ratio: float, seed: int, srf:
         labels[name] = {"coords": torch.from_numpy(coords).long(), "spectra": spectra,
                         "rgb": spectra @ srf.T}
     return labels
+
+
+def expand_label_sets(labels: dict, scenes: dict[str, np.ndarray], srf: torch.Tensor) -> dict:
+    """Label sets with coords, spectra and RGB for every scene: as stored, or re-derived from the scene (in
+    `scenes`) where the checkpoint keeps only the rule "every pixel" (make_label_sets)."""
+    out = {}
+    for name, v in labels.items():
+        if "every_pixel" not in v:
+            out[name] = v
+            continue
+        hsi = scenes[name]
+        if list(hsi.shape[:2]) != v["every_pixel"].tolist():
+            raise data.SceneError(f"{name}: the run labelled every pixel of a {v['every_pixel'].tolist()} scene; "
+                                  f"this one is {list(hsi.shape[:2])}.")
+        h, w, bands = hsi.shape
+        spectra = torch.from_numpy(hsi.reshape(h * w, bands))
+        coords = torch.from_numpy(np.stack(np.divmod(np.arange(h * w), w), 1))  # row-major, as draw_label_set's
+        out[name] = {"coords": coords, "spectra": spectra, "rgb": spectra @ srf.T}
+    return out
 
 
 def gamma_params(labels: dict, scenes: dict[str, np.ndarray], srf: torch.Tensor) -> tuple[float, float]:
@@ -344,14 +396,25 @@ def gamma_params(labels: dict, scenes: dict[str, np.ndarray], srf: torch.Tensor)
 
 
 def parse_weights(text: str) -> dict[str, float]:
-    """'phsi=1,rep=1,ssim=0.3,p2i=0.3' -> the loss weights of Eq. (15); terms not named keep the paper's."""
+    """'phsi=1,rep=1,ssim=0.3,p2i=0.3' -> the loss weights of Eq. (15); terms not named keep the paper's.
+    A weight of 0 removes its term (pixelssr.pixel_ssr_loss computes nothing for it)."""
     weights = dict(P.LOSS_WEIGHTS)
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
         if name.strip() not in weights:
             raise ValueError(f"--loss-weights: unknown term {name.strip()!r}; the terms are {', '.join(weights)}")
-        weights[name.strip()] = float(value)
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--loss-weights: {item.strip()!r} is not term=number") from None
+    if any(w < 0 or not math.isfinite(w) for w in weights.values()) or not any(weights.values()):
+        raise ValueError(f"--loss-weights: weights must be finite and >= 0, and one > 0; got {format_weights(weights)}")
     return weights
+
+
+def format_weights(weights: dict[str, float]) -> str:
+    """The inverse of parse_weights: {'phsi': 1.0, ...} -> 'phsi=1,rep=1,ssim=0.3,p2i=0.3'."""
+    return ",".join(f"{k}={v:g}" for k, v in weights.items())
 
 
 def augment_exposure(rgb: torch.Tensor, target: torch.Tensor, k: float, g: torch.Generator):
@@ -419,23 +482,87 @@ def validate(model, val_scenes: dict, srf: torch.Tensor, cfg: "TrainConfig", gam
                           for h in val_scenes.values() for s in range(cfg.val_seeds)]))
 
 
+# -----------------------------------------------------------------------------
+# a run's settings: fit's flags, what the checkpoint keeps of them, what --resume may change
+
+# the model Config fields that are fit flags of the same name (the switches as --no-spa etc.); with
+# --points and the loss weights, every ablation of Tables 2-6 is a flag
+MODEL_FLAGS = ("use_spa", "use_hf", "use_spe", "use_prompt_ssm", "use_drpn", "spa_transform", "backbone", "output", "prior")
+# --resume continues a run with its own settings: a flag that says otherwise is an error, except these,
+# which belong to the session (the time budget, the device), not to the run
+RESUME_MAY_CHANGE = {"max_minutes", "device", "resume", "out"}
+# weight of the physical prior (smooth, non-negative spectra; pixelssr.pixel_ssr_loss) in the unsupervised mode
+UNSUPERVISED_PRIOR = 1.0
+# what was measured of it (README, "The three supervision modes"), said when such a run starts
+UNSUPERVISED_WARNING = ("warning: unsupervised mode (--label-ratio 0): the classical smoothest non-negative spectrum "
+                        "consistent with the RGB needs no training and scores 33.4 dB on CAVE's fake_and_real_sushi; "
+                        "the network lost to it in every run measured here (e.g. 15.5 against its 28.8 dB on the demo "
+                        "scenes after an epoch), so expect it to lose unless trained far longer. eval reports both.")
+
+
+def run_configs(args) -> tuple[TrainConfig, P.Config]:
+    """The TrainConfig and model Config of a new run from fit's arguments, checked. Three settings follow
+    from others: without the DRPN there is no Y3 for L_P2I to constrain, so that term's weight is 0 (and
+    M_H2R is not built); at label ratio 0 (unsupervised) the loss adds the physical prior of smooth,
+    non-negative spectra, since nothing else ties the spectra outside what the camera sees (unless
+    --loss-weights says otherwise); at label ratio 1 (image-level supervision) the network gets no point
+    cube unless --points is given, as the paper's supervised baselines."""
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    weights = parse_weights(cfg.loss_weights)  # a typo stops the run here, not after the data is read
+    if cfg.exposure < 1 or cfg.warmup < 0 or cfg.val_every < 0 or not 0 <= cfg.ema < 1:
+        raise ValueError(f"--exposure must be >= 1 (got {cfg.exposure}), --warmup and --val-every >= 0 "
+                         f"(got {cfg.warmup}, {cfg.val_every}), --ema in [0, 1) (got {cfg.ema}).")
+    if not 0 <= cfg.label_ratio <= 1:
+        raise ValueError(f"--label-ratio is a fraction of the pixels, from 0 to 1; got {cfg.label_ratio}.")
+    if not args.use_drpn and weights["p2i"]:
+        if "loss_weights" in args.given:
+            raise ValueError("--no-drpn leaves no Y3 for L_P2I to constrain: give it weight 0 (p2i=0).")
+        weights["p2i"] = 0.0
+    if cfg.label_ratio == 0 and "loss_weights" not in args.given:
+        weights["smooth"] = UNSUPERVISED_PRIOR
+    if cfg.label_ratio >= 1 and "points" not in args.given:
+        cfg = dataclasses.replace(cfg, points="zeros")
+    cfg = dataclasses.replace(cfg, loss_weights=format_weights(weights))
+    if args.prior == "rootpoly" and args.backbone != "dypro":
+        raise ValueError(f"--prior rootpoly starts the dypro body at zero; the {args.backbone} body has no such start.")
+    return cfg, P.Config(points=cfg.points, h2r=weights["p2i"] > 0, **{k: getattr(args, k) for k in MODEL_FLAGS})
+
+
+def flag_name(dest: str) -> str:
+    """fit's option for a setting: use_spa -> --no-spa, label_ratio -> --label-ratio."""
+    return "--" + (f"no-{dest[4:]}" if dest.startswith("use_") else dest).replace("_", "-")
+
+
+def check_resume(args, ckpt: dict) -> None:
+    """Raise, in one sentence, if a flag given with --resume contradicts the checkpoint's run."""
+    cfg, mcfg = run_configs(args)
+    now = {**dataclasses.asdict(cfg), **dataclasses.asdict(mcfg), "loss_weights": parse_weights(cfg.loss_weights)}
+    was = {**ckpt["train_config"], **ckpt["model_config"], "loss_weights": parse_weights(ckpt["train_config"]["loss_weights"])}
+    for role in ("test", "val"):  # scene lists compare as sets of names
+        now[f"{role}_scenes"] = sorted(data.scene_name(n) for n in getattr(args, f"{role}_scenes") or [])
+        was[f"{role}_scenes"] = sorted(ckpt["split"][role])
+    now["data"] = str(Path(args.data).resolve()) if args.data else None
+    was["data"] = str(Path(ckpt["data"]).resolve()) if ckpt["data"] else None
+    for name in sorted(args.given - RESUME_MAY_CHANGE):
+        if now[name] != was[name]:
+            raise data.SceneError(f"{flag_name(name)} {now[name]} contradicts the run being resumed ({was[name]}): "
+                                  f"--resume continues a run with its own settings; only --max-minutes and --device "
+                                  f"may change.")
+
+
 def fit(args) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(args.device)
     ckpt = load_checkpoint(out / "last.pt") if args.resume else None
     if ckpt is not None:
+        check_resume(args, ckpt)
         # the run's settings, except the time budget, which belongs to this session
         cfg = dataclasses.replace(TrainConfig(**ckpt["train_config"]), max_minutes=args.max_minutes)
         mcfg = P.Config(**ckpt["model_config"])
         split, args.data = ckpt["split"], ckpt["data"]
     else:
-        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-        parse_weights(cfg.loss_weights)  # a typo stops the run here, not after the data is read
-        if cfg.exposure < 1 or cfg.warmup < 0 or cfg.val_every < 0 or not 0 <= cfg.ema < 1:
-            raise ValueError(f"--exposure must be >= 1 (got {cfg.exposure}), --warmup and --val-every >= 0 "
-                             f"(got {cfg.warmup}, {cfg.val_every}), --ema in [0, 1) (got {cfg.ema}).")
-        mcfg = P.Config(points=cfg.points, output=args.output, prior=args.prior)
+        cfg, mcfg = run_configs(args)
         train, val, test = data.split_scenes(scene_names(args.data), args.test_scenes, args.val_scenes)
         split = {"train": train, "val": val, "test": test}
     if not split["train"]:
@@ -444,9 +571,11 @@ def fit(args) -> Path:
     train_scenes = load_scenes(args.data, split["train"])
     val_scenes = load_scenes(args.data, split["val"])
     if ckpt is not None:
-        labels, gamma = ckpt["labels"], tuple(ckpt["gamma"])
+        stored, gamma = ckpt["labels"], tuple(ckpt["gamma"])
+        labels = expand_label_sets(stored, train_scenes, srf)
     else:
-        labels = make_label_sets(train_scenes, cfg.label_ratio, cfg.seed, srf)
+        stored = make_label_sets(train_scenes, cfg.label_ratio, cfg.seed, srf)
+        labels = expand_label_sets(stored, train_scenes, srf)
         gamma = gamma_params(labels, train_scenes, srf)
 
     dataset = data.PatchDataset([(train_scenes[n], labels[n]["coords"].numpy()) for n in split["train"]],
@@ -470,7 +599,7 @@ def fit(args) -> Path:
     def checkpoint(path: Path) -> None:
         save_atomic({"model_config": dataclasses.asdict(mcfg), "train_config": dataclasses.asdict(cfg),
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                     "total_steps": total_steps, "best_psnr": best, "data": args.data, "split": split, "labels": labels,
+                     "total_steps": total_steps, "best_psnr": best, "data": args.data, "split": split, "labels": stored,
                      "gamma": list(gamma), **({"ema": ema.state_dict()} if ema is not None else {})}, path)
 
     def validation() -> None:
@@ -486,6 +615,8 @@ def fit(args) -> Path:
     print(f"training on {len(split['train'])} scenes ({', '.join(split['train'])}), "
           f"{sum(len(v['coords']) for v in labels.values())} labelled pixels, {len(dataset)} patches/epoch, "
           f"Gamma alpha={gamma[0]:.3f} theta={gamma[1]:.4f}, device {device}")
+    if cfg.label_ratio == 0:
+        print(UNSUPERVISED_WARNING)
     if ckpt is not None and (out / "log.jsonl").exists():  # drop the steps after last.pt: they are redone
         lines = (out / "log.jsonl").read_text().splitlines(keepends=True)
         (out / "log.jsonl").write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
@@ -606,7 +737,18 @@ def evaluate(args) -> dict:
     if set(names) & set(ckpt["split"]["train"]):
         print(f"warning: {sorted(set(names) & set(ckpt['split']['train']))} were training scenes.")
     # the classical floor: root-polynomial regression fitted on the very same labelled pixels
-    rp, n_labels = labels_root_poly(ckpt["labels"])
+    every_pixel = [n for n, v in ckpt["labels"].items() if "every_pixel" in v]  # re-read those training scenes
+    rp, n_labels = labels_root_poly(expand_label_sets(ckpt["labels"], load_scenes(args.data, every_pixel), srf))
+    # the classical answer beside the network: with labels, that regression; without any (the unsupervised mode),
+    # the smoothest non-negative spectrum consistent with the RGB, which needs none
+    if rp is not None:
+        base_key, base_name = "root_poly_baseline", "root-polynomial baseline"
+        baseline = lambda x: root_poly_features(x) @ rp  # noqa: E731
+    elif n_labels == 0:
+        base_key, base_name = "smoothest_baseline", "smoothest non-negative spectrum (no labels)"
+        baseline = lambda x: smoothest_spectra(x, srf.numpy())  # noqa: E731
+    else:
+        baseline = None  # 1 to 5 labelled pixels: too few for the regression's 6 terms
     out = Path(args.out)
     report = {"checkpoint": str(args.ckpt), "label_ratio": cfg.label_ratio,
               "labelled_pixels": n_labels, "seeds": list(range(args.seeds)),
@@ -629,12 +771,12 @@ def evaluate(args) -> dict:
         entry["bands"]["true_mean"] = target.double().mean((1, 2)).tolist()
         for line in band_warnings(name, entry["bands"]):
             print(line)
-        if rp is not None:
+        if baseline is not None:
             rgb = data.rgb_from_hsi(hsi, srf.numpy()).reshape(-1, 3)
-            base = torch.from_numpy((root_poly_features(rgb) @ rp).reshape(hsi.shape)).permute(2, 0, 1).float()
-            entry["root_poly_baseline"] = metrics(base.clamp(0, 1), target)
-            baseline_all.append(entry["root_poly_baseline"])
-            entry["root_poly_baseline"]["bands"] = band_stats(base, target)
+            base = torch.from_numpy(baseline(rgb).reshape(hsi.shape)).permute(2, 0, 1).float()
+            entry[base_key] = metrics(base.clamp(0, 1), target)
+            baseline_all.append(entry[base_key])
+            entry[base_key]["bands"] = band_stats(base, target)
         if args.calib_points:
             scores = calibration_scores(runs, hsi, srf, args.calib_points, data.scene_seed(cfg.seed, f"{name} calib"))
             entry["calibration"] = {"points": args.calib_points, **{k: summarise(v) for k, v in scores.items()}}
@@ -647,14 +789,14 @@ def evaluate(args) -> dict:
         report["calibration"] = {"points": args.calib_points, "convention": CALIBRATION_CONVENTION,
                                  **{k: summarise_over_seeds([c[k] for c in calibrated]) for k in calibrated[0]}}
     if baseline_all:
-        report["root_poly_baseline"] = summarise([{k: v for k, v in b.items() if k != "bands"} for b in baseline_all])
+        report[base_key] = summarise([{k: v for k, v in b.items() if k != "bands"} for b in baseline_all])
     with open(out / "metrics.json", "w") as f:
         json.dump(report, f, indent=2)
     print("overall: " + ", ".join(f"{k} {v['mean']:.4f}±{v['std']:.4f}" for k, v in report["overall"].items()))
     if calibrated:
         print(f"overall, corrected with {args.calib_points} true spectra: {calibration_line(report['calibration'])}")
     if baseline_all:
-        print("root-polynomial baseline: " + ", ".join(f"{k} {v['mean']:.4f}" for k, v in report["root_poly_baseline"].items()))
+        print(f"{base_name}: " + ", ".join(f"{k} {v['mean']:.4f}" for k, v in report[base_key].items()))
     print(f"wrote {out / 'metrics.json'}")
     return report
 
@@ -749,6 +891,91 @@ def predict(args) -> None:
 
 
 # -----------------------------------------------------------------------------
+# table: one of the paper's experiments, one command
+
+# rows of each table: (label, fit flags); the table's shared flags come first, so a row's own win
+TABLES = {
+    "branches": [("full (Table 4, last row)", []), ("w/o P_spa", ["--no-spa"]), ("w/o P_hf", ["--no-hf"]),
+                 ("w/o P_spe", ["--no-spe"]), ("w/o DRPN", ["--no-drpn"]), ("w/o PromptSSM attention", ["--no-prompt-ssm"])],
+    "transform": [("P_spa with FFT", ["--spa-transform", "fft"]), ("P_spa with FRFT", [])],
+    "points": [(f"{dist}, {r * 100:g} %", ["--points", dist, "--label-ratio", str(r)])
+               for r in (1e-4, 1e-3, 1e-2, 1e-1) for dist in ("gaussian", "gamma")],
+    "losses": [(f"w/o L_{t}", ["--loss-weights", f"{k}=0"]) for k, t in (("p2i", "P2I"), ("phsi", "pHSI"), ("rep", "rep"),
+                                                                         ("ssim", "SSIM"))] + [("all four (Eq. 15)", [])],
+    "paradigm": [(f"{b}, {mode}", ["--backbone", b, "--label-ratio", r]) for b in ("dypro", *backbones.BODIES)
+                 for mode, r in (("unsupervised", "0"), ("+ Pixel-SSR 0.01 %", "0.0001"), ("supervised", "1"))],
+    "modes": [("unsupervised (omega = 0)", ["--label-ratio", "0"]), ("pixel-level (omega = 0.01 %)", ["--label-ratio", "0.0001"]),
+              ("image-level (omega = 1)", ["--label-ratio", "1"])],
+    "labels": [(f"omega = {r * 100:g} %", ["--label-ratio", str(r)]) for r in (1e-4, 1e-3, 1e-2, 1e-1)],
+}
+TABLE_METRICS = ("psnr", "ssim", "sam", "rmse")
+BASELINES = {"root_poly_baseline": "root-polynomial regression on the run's labels",
+             "smoothest_baseline": "smoothest non-negative spectrum (no labels)"}
+
+
+def row_dir(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label).strip("_")
+
+
+def table(args) -> dict:
+    """Run every row of one table over --seeds training seeds (each a fit, then an eval), skipping runs whose
+    eval is already written and resuming fits that were cut short, so that a second call after an interrupted
+    one redoes nothing that finished; then write table.json and table.md (mean +- std over the seeds, and the
+    classical baseline of each label ratio as its own row)."""
+    out = Path(args.out)
+    shared = [*(["--data", args.data] if args.data else []), "--max-minutes", str(args.max_minutes),
+              "--device", args.device, *args.fit_args]
+    if args.test_scenes is not None:
+        shared += ["--test-scenes", *args.test_scenes]
+    rows = []
+    for label, flags in TABLES[args.name]:
+        runs = []
+        for seed in range(args.seeds):
+            run = out / row_dir(label) / f"seed{seed}"
+            report = run / "eval" / "metrics.json"
+            if not report.is_file():
+                resume = (run / "last.pt").is_file()  # cut short before its eval: finish it, keep what it did
+                print(f"\n== {args.name}: {label}, seed {seed}" + (" (resumed)" if resume else ""))
+                fit(parse_args(["fit", "--out", str(run), "--resume", "--max-minutes", str(args.max_minutes),
+                                "--device", args.device] if resume else
+                               ["fit", *shared, *flags, "--seed", str(seed), "--out", str(run)]))
+                evaluate(parse_args(["eval", "--ckpt", str(run / "last.pt"), "--out", str(run / "eval"), "--seeds",
+                                     str(args.eval_seeds), "--tile", str(args.tile), "--device", args.device]))
+            ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+            runs.append({"seed": seed, "steps": ckpt["step"], "report": json.loads(report.read_text())})
+        rows.append({"label": label, "flags": flags, "runs": runs})
+    result = {"table": args.name, "command": "python train.py table " + " ".join(args.argv), "rows": rows}
+    with open(out / "table.json", "w") as f:
+        json.dump(result, f, indent=2)
+    (out / "table.md").write_text(table_markdown(result))
+    print(f"wrote {out / 'table.md'} and {out / 'table.json'}")
+    return result
+
+
+def table_markdown(result: dict) -> str:
+    """The paper's layout: a row per setting, PSNR / SSIM / SAM / RMSE as mean +- std over the training seeds
+    (each its eval's mean over Gamma draws and test scenes), the steps trained, then one row per classical
+    baseline (per label ratio: the regression on each seed's labels, or the smoothest spectrum without any)."""
+    def cell(values: list[float]) -> str:
+        return f"{np.mean(values):.4g} ± {np.std(values):.2g}" if len(values) > 1 else f"{values[0]:.4g}"
+
+    head = ["setting", *(m.upper() for m in TABLE_METRICS), "steps"]
+    lines = [f"`{result['command']}`", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    baselines = {}
+    for row in result["rows"]:
+        reports = [r["report"] for r in row["runs"]]
+        lines.append(f"| {row['label']} | " + " | ".join(cell([r["overall"][m]["mean"] for r in reports]) for m in TABLE_METRICS)
+                     + f" | {'/'.join(str(r['steps']) for r in row['runs'])} |")
+        for key, name in BASELINES.items():
+            if key in reports[0]:
+                baselines.setdefault((name, reports[0]["label_ratio"]), [r[key] for r in reports])
+    for (name, ratio), reports in baselines.items():
+        lines.append(f"| {name} (omega = {ratio * 100:g} %) | " + " | ".join(cell([r[m]["mean"] for r in reports])
+                                                                         for m in TABLE_METRICS) + " | - |")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 def positive(text: str) -> int:
@@ -766,6 +993,27 @@ def exposure_arg(text: str) -> str:
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"{text!r} is neither auto nor a positive factor")
+
+
+def add_model_flags(f: argparse.ArgumentParser) -> None:
+    """fit's flags for the network (Tables 2, 4 and 5); each sets the pixelssr.Config field of its dest."""
+    f.add_argument("--backbone", default=P.Config.backbone, choices=["dypro", *backbones.BODIES],
+                   help="the body after the DRPN (Table 2): dypro (the paper's), mst++ or hscnn+")
+    for name, what in (("spa", "P_spa, the Spa-FRFT prompt"), ("hf", "P_hf, the Spa-HF prompt"),
+                       ("spe", "P_spe, the spectral prompt"), ("prompt_ssm", "the PromptSSMs' prompted attention"),
+                       ("drpn", "the whole DRPN (Y3 = the point cube; no L_P2I)")):
+        f.add_argument(flag_name("use_" + name), dest="use_" + name, action="store_false", help=f"Table 4: without {what}")
+    f.add_argument("--spa-transform", default=P.Config.spa_transform, choices=["frft", "fft"],
+                   help="Table 5: the transform of the P_spa branch")
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests of the options argv gives, whatever their value: argparse fills in a default only where the
+    namespace has no value yet, so every dest still holding the marker was not given."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions})
+    parser.parse_args(argv, ns)
+    return {k for k, v in vars(ns).items() if v is not unset}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -797,6 +1045,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="output layer: abs (non-negative, default) or linear (the paper's bare conv)")
     f.add_argument("--prior", default=P.Config.prior, choices=["none", "rootpoly"],
                    help="rootpoly: learn a correction to the root-polynomial map of the labels (beyond the paper)")
+    add_model_flags(f)
     e = sub.add_parser("eval", help="full-image metrics on test scenes")
     e.add_argument("--ckpt", required=True)
     e.add_argument("--data", default=None, help="default: the run's own data folder (or the demo scenes)")
@@ -823,12 +1072,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "correct the reconstruction (beyond the paper)")
     p.add_argument("--tile", type=positive, default=None,
                    help=f"tile size (default: the whole image, as eval, up to {WHOLE_MAX} pixels; tiles of {TILE} beyond)")
-    for q in (f, e, p):
+    t = sub.add_parser("table", help="run one of the paper's tables (every row a fit and an eval) and write table.md",
+                       allow_abbrev=False,  # --seed is a fit flag, not short for --seeds
+                       epilog="Any other fit flag (e.g. --patch 64 --lr 2e-3 --epochs 200) is passed to every run.")
+    t.add_argument("name", choices=list(TABLES))
+    t.add_argument("--data", default=None, help="folder of scenes (default: the demo scenes)")
+    t.add_argument("--out", required=True, help="table folder: a run folder per row and seed, table.md, table.json")
+    t.add_argument("--max-minutes", type=float, default=0.0, help="time budget of each run (0: --epochs)")
+    t.add_argument("--seeds", type=positive, default=1, help="training seeds per row (mean +- std)")
+    t.add_argument("--eval-seeds", type=positive, default=1, help="Gamma draws per scene in each eval")
+    t.add_argument("--test-scenes", nargs="*", default=None)
+    t.add_argument("--tile", type=int, default=0, help="eval tile size (0: whole images, the protocol)")
+    for q in (f, e, p, t):
         q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     for q in (e, p):
         q.add_argument("--envi", action="store_true", help="also write the cube as ENVI (cube.hdr + cube.img, BSQ)")
+    if argv[:1] == ["table"]:
+        args, args.fit_args = t.parse_known_args(argv[1:])
+        args.cmd, args.argv = "table", argv[1:]
+        parse_args(["fit", *args.fit_args])  # an unknown or malformed fit flag stops here, not after some rows
+        return args
     args = ap.parse_args(argv)
     if args.cmd == "fit":
+        args.given = explicit_flags(f, argv[1:])
         args.epochs_given = args.epochs is not None
         args.epochs = args.epochs if args.epochs is not None else d.epochs
     return args
@@ -864,7 +1130,7 @@ def main(argv: list[str] | None = None) -> int:
             demo()
             return 0
         args = parse_args(argv)
-        {"fit": fit, "eval": evaluate, "predict": predict}[args.cmd](args)
+        {"fit": fit, "eval": evaluate, "predict": predict, "table": table}[args.cmd](args)
     except (data.SceneError, ValueError) as e:  # bad input: one sentence, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
