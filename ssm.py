@@ -233,7 +233,8 @@ class _ChunkedScan(torch.autograd.Function):
     def backward(ctx, dy: Tensor | None, dlast: Tensor | None):
         u, delta, A, B, C, *kept = ctx.saved_tensors
         dy = torch.zeros_like(u) if dy is None else dy.contiguous()
-        return (*_scan_backward(u, delta, A, B, C, kept, dy, dlast, ctx.K), None)
+        with torch.autocast(u.device.type, enabled=False):  # in the forward's precision, as selective_scan says
+            return (*_scan_backward(u, delta, A, B, C, kept, dy, dlast, ctx.K), None)
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
@@ -247,8 +248,21 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     (b, K, d, n) is about 2 MB, on a GPU K ≈ √(8l) (see above). Inputs laid out (b, l, d) in memory,
     i.e. u = x.transpose(1, 2) for a contiguous x (b, l, d), are used without a copy, and y comes back
     in that layout.
+    Under autocast (bf16 training) it runs in float32, with half-precision inputs promoted: the state sums
+    up to l steps, and exp(Δ·A) of a slow channel (Δ·|A| ~ 1e-3) rounds to 1 in bfloat16's 8 significant
+    bits, so that channel would never forget. y is then float32 too.
     Returns y (b, d, l), and the final state (b, d, n) if `return_last_state`.
     """
+    with torch.autocast(u.device.type, enabled=False):
+        dtype = torch.promote_types(u.dtype, torch.float32)
+        u, delta, B, C, z = (x if x is None else x.to(dtype) for x in (u, delta, B, C, z))
+        return _selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size)
+
+
+def _selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+                    delta_bias: Tensor | None, delta_softplus: bool, return_last_state: bool, chunk_size: int | None
+                    ) -> Tensor | tuple[Tensor, Tensor]:
+    """selective_scan's body, in the precision of its inputs."""
     b, d, l = u.shape
     n = A.shape[1]
     if delta_bias is not None:
