@@ -237,6 +237,14 @@ class _ChunkedScan(torch.autograd.Function):
             return (*_scan_backward(u, delta, A, B, C, kept, dy, dlast, ctx.K), None)
 
 
+def selective_scan_chunks(b: int, d: int, n: int, l: int, device: torch.device) -> int:
+    """The automatic number of chunks K of a scan of these sizes (see above): a power of two, so that the
+    usual l (image sizes) need no padding; on a CPU, one step's state (b, K, d, n) about 2 MB and at least
+    √l steps per chunk; on a GPU K ≈ √(8l)."""
+    K = min(_STATE_FLOATS // (b * d * n), math.isqrt(l)) if device.type == "cpu" else math.isqrt(8 * l)
+    return 1 << max(0, K.bit_length() - 1)
+
+
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                    return_last_state: bool = False, chunk_size: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
@@ -271,9 +279,7 @@ def _selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D
         delta = F.softplus(delta)
     B4, C4 = (B, C) if B.dim() == 4 else (B.unsqueeze(1), C.unsqueeze(1))   # (b, g, n, l)
     if chunk_size is None:
-        # A power of two, so that the usual l (image sizes) need no padding; on a CPU ≥ √l steps per chunk.
-        K = min(_STATE_FLOATS // (b * d * n), math.isqrt(l)) if u.device.type == "cpu" else math.isqrt(8 * l)
-        K = 1 << max(0, K.bit_length() - 1)
+        K = selective_scan_chunks(b, d, n, l, u.device)
     else:
         K = math.ceil(l / max(1, min(chunk_size, l)))
     T = math.ceil(l / K)
