@@ -286,6 +286,7 @@ class SpaPrompt(nn.Module):
             a = self.order * self.order_scale
             return frft2(x, -a if inverse else a)
         dft = torch.fft.ifft2 if inverse else torch.fft.fft2
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # bfloat16 under autocast: CUDA FFTs refuse it
         return torch.fft.fftshift(dft(torch.fft.ifftshift(x, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
 
     def forward(self, f1: torch.Tensor) -> torch.Tensor:
