@@ -5,20 +5,25 @@ Speed and memory of pixelssr on the device at hand. Numbers live here, not in th
   python bench.py --only scan frft     # some sections
   python bench.py --device cpu --threads 2
 
+  python bench.py --device cuda        # one short run on a GPU: every section, bf16 training included
+
 Sections:
   scan   the chunked selective scan (ssm.selective_scan) against the sequential loop it is tested
          against and against a Blelloch parallel scan, the usual pure-PyTorch alternative: forward,
          forward+backward and peak memory at b=1, d=64, n=16, l in {1024, 4096, 16384};
+  chunks the chunk length T of selective_scan (32, 64, 128, 256 and the automatic choice) on the
+         model's largest scan at batch 8 of 128x128 (b=8, d=4x80 in 4 groups, n=8, l=16384);
   frft   frft2 against torch.fft.fft2 at (4, 40, 128, 128) float32, the Spa-FRFT branch's shape;
   bodies the universal paradigm's bodies (dypro, mst++, hscnn+; Table 2): parameters and MACs at 128x128
          with and without the shared DRPN, beside the paper's Table 10 and the bodies' own papers;
   model  DyPro-Mamba's parameters and FLOPs (torch.utils.flop_counter; multiply-accumulates, as the
-         paper counts them), forward and forward+backward per 128x128 patch, training steps per
-         second at batch 8 of 128x128, and whole-image inference on a 512x512 scene.
+         paper counts them), forward and forward+backward per 128x128 patch, a training step
+         (train.train_step) at batch 8 of 128x128 in float32 (and bf16 autocast on CUDA) with its
+         time split (scan forward / backward, convolutions, the rest), and whole-image inference on
+         a 512x512 scene: the network alone, and train.eval_scene (the network and the metrics).
 """
 
 import argparse
-import ctypes
 import inspect
 import os
 import statistics
@@ -32,27 +37,13 @@ from torch.utils.flop_counter import FlopCounterMode
 import backbones
 import data
 import pixelssr as P
+import train
 from frft import frft2
-from ssm import selective_scan, selective_scan_ref
+from ssm import selective_scan, selective_scan_chunks, selective_scan_ref
 
 # The profiler that measures CPU peak memory (kineto) logs `USDT ... profiler_start/stop` lines to
 # stderr at its highest level (5); 6 silences it. Read when the profiler first starts, so setting it here is enough.
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-
-
-def _keep_freed_cpu_memory() -> None:
-    """Make glibc's malloc keep freed memory for reuse rather than hand it back to the OS. Otherwise a
-    tensor of tens of MB may be fresh pages each time, ~10 ms of page faults for a 20 MB result, or
-    not, depending on the allocator's history: the same fft2 forward measured 4.5 ms in one process
-    and 18 ms in the next. (CUDA has its own caching allocator. Without glibc's mallopt, e.g. on macOS or
-    Windows, nothing is done.)"""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):  # no C library of that kind (Windows: TypeError)
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_trim_threshold, 2**31 - 1)  # never trim the heap
-    mallopt(m_mmap_threshold, 32 * 2**20)  # blocks up to 32 MB (glibc's documented maximum) come from the heap
 
 
 def _pscan(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -155,6 +146,27 @@ def bench_scan(device: torch.device) -> None:
     print(f"at l=16384, fwd+bwd: chunked is {loop[1] / chunked[1]:.0f}x faster than the loop with "
           f"{loop[3] / chunked[3]:.1f}x less peak memory, {blelloch[1] / chunked[1]:.0f}x faster than Blelloch "
           f"with {blelloch[3] / chunked[3]:.1f}x less")
+
+
+def bench_chunks(device: torch.device, b: int, repeat: int) -> None:
+    """selective_scan forward+backward for chunk lengths T = 32, 64, 128, 256 and the automatic choice, on
+    the model's largest scan in a training batch of b 128x128 patches: a level-0 SS2D's four routes of
+    E = 80 channels as 4 B/C groups, n = 8, l = 128², Δ through softplus as SS2D has it."""
+    g, e, n, l = 4, 80, 8, 128 * 128
+    gen = torch.Generator().manual_seed(0)
+    u, delta = (torch.randn(b, g * e, l, generator=gen).to(device) for _ in range(2))
+    B, C = (torch.randn(b, g, n, l, generator=gen).to(device) for _ in range(2))
+    A = -torch.arange(1, n + 1, dtype=torch.float32, device=device).repeat(g * e, 1)
+    inputs = [x.requires_grad_() for x in (u, delta - 4, A, B, C)]   # softplus(delta - 4): Δ ~ 0.02
+    auto_T = -(-l // selective_scan_chunks(b, g * e, n, l, device))
+    print(f"\nselective scan chunk length on {device}, b={b} d={g * e} (g={g}) n={n} l={l} float32, forward+backward, "
+          f"best of {repeat}")
+    print(f"{'T':>6}{'K':>6}{'fwd+bwd ms':>12}{'peak MB':>10}")
+    for T in (32, 64, 128, 256, None):
+        t, peak = _scan_time_and_peak(lambda *x: selective_scan(*x, delta_softplus=True, chunk_size=T), inputs,
+                                      device, backward=True, repeat=repeat)
+        T = T or auto_T
+        print(f"{T:>6}{-(-l // T):>6}{t * 1e3:>12.1f}{peak / 2**20:>10.1f}" + ("   (automatic)" if T == auto_T else ""))
 
 
 def bench_frft(device: torch.device) -> None:
@@ -276,55 +288,85 @@ def bench_model(device: torch.device, batch: int, repeat: int) -> None:
     t_fb = _timed(lambda: sum(y.sum() for y in model(rgb, pts)).backward(), device, repeat)
     print(f"one 128x128 patch: forward {t_fwd * 1e3:.0f} ms, forward+backward {t_fb * 1e3:.0f} ms")
 
-    # a real training step: batch of patches, all four losses, Adam
+    # a real training step (train.train_step): batch of patches, all four losses, Adam
     opt = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.99))
-    srf = torch.from_numpy(data.srf_matrix()).to(device)
+    srf = torch.from_numpy(data.srf_matrix())
     rgb_b = torch.rand(batch, 3, 128, 128, device=device)
-    target = torch.rand(batch, 31, 128, 128, device=device)
     mask = torch.zeros(batch, 1, 128, 128, dtype=torch.bool, device=device)
     mask[:, :, 64, 64] = True
+    train_batch = (rgb_b, torch.rand(batch, 31, 128, 128, device=device) * mask, mask)
     pts_b = P.sample_points((batch, 31, 128, 128), 1e-4, 2.0, 0.1, device=device)
+    for amp in ("none", "bf16") if device.type == "cuda" else ("none",):
+        def step():
+            train.train_step(model, opt, train_batch, pts_b, srf.to(device), 2e-4, P.LOSS_WEIGHTS, amp=amp)
 
-    def step():
-        hsi, y3 = model(rgb_b, pts_b)
-        loss, _ = P.pixel_ssr_loss(model, rgb_b, hsi, y3, target * mask, mask, srf)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t_step = _timed(step, device, repeat)
-    mem = f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
-    print(f"training: {1 / t_step:.3f} it/s at batch {batch} of 128x128 ({t_step:.2f} s per step){mem}")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t_step = _timed(step, device, repeat)
+        mem = f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
+        kind = "float32" if amp == "none" else "bf16 autocast"
+        print(f"training, {kind}: {1 / t_step:.3f} it/s at batch {batch} of 128x128 ({t_step:.2f} s per step){mem}")
+        total, parts = _step_split(step, device)
+        print(f"  one profiled step, {total:.2f} s: " + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f} %)"
+                                                                for k, v in parts.items()))
 
     model.eval()
     rgb5 = torch.rand(1, 3, 512, 512, device=device)
     pts5 = P.sample_points((1, 31, 512, 512), 1e-4, 2.0, 0.1, device=device)
     with torch.no_grad():
         t5 = _timed(lambda: model(rgb5, pts5), device, 1)
-    print(f"inference / eval of one whole 512x512 scene: {t5:.2f} s")
+    print(f"inference of one whole 512x512 scene, the network alone: {t5:.2f} s")
+    hsi5 = torch.rand(512, 512, 31, generator=torch.Generator().manual_seed(0)).numpy()
+    t_eval = _timed(lambda: train.eval_scene(model, hsi5, srf, 1e-4, (2.0, 0.1), "gamma", seed=0), device, 1)
+    print(f"eval of one whole 512x512 scene and seed (train.eval_scene: the network, then the metrics in float64 "
+          f"on the CPU): {t_eval:.2f} s")
+
+
+def _step_split(step, device: torch.device) -> tuple[float, dict[str, float]]:
+    """(wall time of one call of `step` under torch.profiler, {part: seconds}): the selective scan's forward and
+    backward (ssm._ChunkedScan), the convolutions forward and backward (aten::convolution, transposed ones
+    included, and its backward), and the rest. On the CPU the parts are those ops' CPU time; on CUDA the
+    time of the kernels they launched (the rest is then the wall time they do not cover). The profiler
+    adds its own small cost to every op."""
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        total = time.perf_counter() - t0
+    events = {e.key: e for e in prof.key_averages()}
+
+    def seconds(*names: str) -> float:
+        return sum((events[k].device_time_total if cuda else events[k].cpu_time_total) / 1e6
+                   for k in names if k in events)
+
+    parts = {"scan forward": seconds("_ChunkedScan"), "scan backward": seconds("_ChunkedScanBackward"),
+             "convolutions": seconds("aten::convolution", "aten::convolution_backward")}
+    return total, {**parts, "the rest": total - sum(parts.values())}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", default=["scan", "frft", "bodies", "model"], choices=["scan", "frft", "bodies", "model"])
+    sections = ["scan", "chunks", "frft", "bodies", "model"]
+    ap.add_argument("--only", nargs="*", default=sections, choices=sections)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--batch", type=int, default=8, help="training batch of 128x128 patches")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of each model measurement (best is kept)")
     args = ap.parse_args()
-    _keep_freed_cpu_memory()
+    train.keep_freed_cpu_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"pixelssr bench on {name}, torch {torch.__version__}")
-    sections = {"scan": lambda: bench_scan(device), "frft": lambda: bench_frft(device), "bodies": lambda: bench_bodies(device),
-                "model": lambda: bench_model(device, args.batch, args.repeat)}
+    run = {"scan": lambda: bench_scan(device), "chunks": lambda: bench_chunks(device, args.batch, args.repeat),
+           "frft": lambda: bench_frft(device), "bodies": lambda: bench_bodies(device),
+           "model": lambda: bench_model(device, args.batch, args.repeat)}
     for s in args.only:
-        sections[s]()
+        run[s]()
 
 
 if __name__ == "__main__":

@@ -109,7 +109,10 @@ def _along(x: torch.Tensor, m: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _prepare(x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
     """x in its working precision (real stays real) and the real dtype of that precision: float32
-    for float32/complex64 (and lower) input, float64 for float64/complex128; never less precise."""
+    for float32/complex64 (and lower) input, float64 for float64/complex128; never less precise.
+    frft and frft2 keep to it under autocast too (bf16 training): an N-point unitary sum in bfloat16's
+    8 significant bits would no longer be undone by its inverse, and the order's gradient, ~N·|x|, is
+    a sum of nearly cancelling terms."""
     cdtype = torch.promote_types(x.dtype, torch.float32).to_complex()
     x = x.to(cdtype if x.is_complex() else cdtype.to_real())
     return x, cdtype.to_real()
@@ -124,8 +127,9 @@ def frft(x: torch.Tensor, a: float | torch.Tensor, dim: int = -1) -> torch.Tenso
     The gradient wrt `a` is V diag(-iπk/2·exp(-iπak/2)) Vᵀ x, of size up to ~(π/2)·N·|x|: a layer
     learning the order may want to scale its parameter down.
     """
-    x, rdtype = _prepare(x)
-    return _along(x, _matrix(x.shape[dim], a, x.device, rdtype), dim)
+    with torch.autocast(x.device.type, enabled=False):  # full precision, see _prepare
+        x, rdtype = _prepare(x)
+        return _along(x, _matrix(x.shape[dim], a, x.device, rdtype), dim)
 
 
 def frft2(x: torch.Tensor, a_h: float | torch.Tensor, a_w: float | torch.Tensor | None = None) -> torch.Tensor:
@@ -135,7 +139,8 @@ def frft2(x: torch.Tensor, a_h: float | torch.Tensor, a_w: float | torch.Tensor 
     is frft2(y, -a_h, -a_w). One matrix product per dim, the width first, so that a real x takes the
     cheaper real path.
     """
-    x, rdtype = _prepare(x)
-    a_w = a_h if a_w is None else a_w
-    y = _last_dim(x, _matrix(x.shape[-1], a_w, x.device, rdtype))
-    return _matrix(x.shape[-2], a_h, x.device, rdtype) @ y
+    with torch.autocast(x.device.type, enabled=False):  # full precision, see _prepare
+        x, rdtype = _prepare(x)
+        a_w = a_h if a_w is None else a_w
+        y = _last_dim(x, _matrix(x.shape[-1], a_w, x.device, rdtype))
+        return _matrix(x.shape[-2], a_h, x.device, rdtype) @ y

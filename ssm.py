@@ -233,7 +233,16 @@ class _ChunkedScan(torch.autograd.Function):
     def backward(ctx, dy: Tensor | None, dlast: Tensor | None):
         u, delta, A, B, C, *kept = ctx.saved_tensors
         dy = torch.zeros_like(u) if dy is None else dy.contiguous()
-        return (*_scan_backward(u, delta, A, B, C, kept, dy, dlast, ctx.K), None)
+        with torch.autocast(u.device.type, enabled=False):  # in the forward's precision, as selective_scan says
+            return (*_scan_backward(u, delta, A, B, C, kept, dy, dlast, ctx.K), None)
+
+
+def selective_scan_chunks(b: int, d: int, n: int, l: int, device: torch.device) -> int:
+    """The automatic number of chunks K of a scan of these sizes (see above): a power of two, so that the
+    usual l (image sizes) need no padding; on a CPU, one step's state (b, K, d, n) about 2 MB and at least
+    √l steps per chunk; on a GPU K ≈ √(8l)."""
+    K = min(_STATE_FLOATS // (b * d * n), math.isqrt(l)) if device.type == "cpu" else math.isqrt(8 * l)
+    return 1 << max(0, K.bit_length() - 1)
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
@@ -247,8 +256,21 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     (b, K, d, n) is about 2 MB, on a GPU K ≈ √(8l) (see above). Inputs laid out (b, l, d) in memory,
     i.e. u = x.transpose(1, 2) for a contiguous x (b, l, d), are used without a copy, and y comes back
     in that layout.
+    Under autocast (bf16 training) it runs in float32, with half-precision inputs promoted: the state sums
+    up to l steps, and exp(Δ·A) of a slow channel (Δ·|A| ~ 1e-3) rounds to 1 in bfloat16's 8 significant
+    bits, so that channel would never forget. y is then float32 too.
     Returns y (b, d, l), and the final state (b, d, n) if `return_last_state`.
     """
+    with torch.autocast(u.device.type, enabled=False):
+        dtype = torch.promote_types(u.dtype, torch.float32)
+        u, delta, B, C, z = (x if x is None else x.to(dtype) for x in (u, delta, B, C, z))
+        return _selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size)
+
+
+def _selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+                    delta_bias: Tensor | None, delta_softplus: bool, return_last_state: bool, chunk_size: int | None
+                    ) -> Tensor | tuple[Tensor, Tensor]:
+    """selective_scan's body, in the precision of its inputs."""
     b, d, l = u.shape
     n = A.shape[1]
     if delta_bias is not None:
@@ -257,9 +279,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         delta = F.softplus(delta)
     B4, C4 = (B, C) if B.dim() == 4 else (B.unsqueeze(1), C.unsqueeze(1))   # (b, g, n, l)
     if chunk_size is None:
-        # A power of two, so that the usual l (image sizes) need no padding; on a CPU ≥ √l steps per chunk.
-        K = min(_STATE_FLOATS // (b * d * n), math.isqrt(l)) if u.device.type == "cpu" else math.isqrt(8 * l)
-        K = 1 << max(0, K.bit_length() - 1)
+        K = selective_scan_chunks(b, d, n, l, u.device)
     else:
         K = math.ceil(l / max(1, min(chunk_size, l)))
     T = math.ceil(l / K)

@@ -35,17 +35,21 @@ root-polynomial map of the classical baseline (and of the opt-in --prior rootpol
 
 import argparse
 import copy
+import ctypes
 import dataclasses
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import scipy.optimize
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import backbones
@@ -73,6 +77,7 @@ class TrainConfig:
     warmup: int = 0                 # linear lr warm-up steps (the paper has none)
     exposure: float = 1.0           # > 1: scale each sample's RGB and spectra by a factor in [1/k, k]
     ema: float = 0.0                # > 0: validate, save and evaluate an average of the weights with this decay
+    amp: str = "none"               # "bf16": the network's forward under bfloat16 autocast (GPUs; see autocast)
 
 
 # -----------------------------------------------------------------------------
@@ -88,6 +93,25 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise data.SceneError(f"--device {name} was asked for, but torch sees {torch.cuda.device_count()} CUDA devices.")
     return device
+
+
+def keep_freed_cpu_memory() -> None:
+    """Make glibc's malloc serve every block from its heap and keep freed memory for reuse, rather than
+    map large blocks fresh from the OS and hand them back when freed. A training step or a whole-image
+    eval allocates many tensors of 50-350 MB (full-size (b, h.w, channels) temporaries of the scans);
+    glibc maps each block over 32 MB on its own, so every such tensor was fresh pages again, the kernel
+    faulting in and zeroing each 4 kB page: an eval of one 512x512 scene spent more time in the
+    kernel (48.6 s) than in PyTorch (44.5 s). Kept, the memory is reused, at the price that the
+    process holds on to its peak. The same fft2 forward also measured 4.5 ms in one process and 18 ms
+    in the next, depending on the allocator's history. (CUDA has its own caching allocator. Without
+    glibc's mallopt, e.g. on macOS or Windows, nothing is done.)"""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # no C library of that kind (Windows: TypeError)
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    mallopt(m_trim_threshold, 2**31 - 1)  # never give the heap's top back to the OS
+    mallopt(m_mmap_max, 0)  # no block is mmap'd on its own: all come from the heap, and return to it
 
 
 def seeded(*keys: int) -> torch.Generator:
@@ -349,6 +373,94 @@ def calibration_line(cal: dict) -> str:
 
 
 # -----------------------------------------------------------------------------
+# data parallel (torchrun) and mixed precision
+
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    """This process's place in a data-parallel run: rank 0 of 1 when not launched by torchrun.
+
+    Every rank draws the same whole batch from the same generators as one process would, and runs its
+    slice of it, so N processes compute the single-process step up to the order of floating-point sums.
+    Only rank 0 writes (checkpoints, log, progress bar)."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def part(self, n: int) -> slice:
+        """This rank's contiguous slice of a batch of n samples; slice sizes differ by at most one."""
+        return slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over the ranks (all-reduce); x itself in one process."""
+        if self.world > 1:
+            x = x.clone()
+            dist.all_reduce(x)
+        return x
+
+    def agree(self, values: list[int]) -> list[int]:
+        """Rank 0's values on every rank: decisions taken from the clock (the time budget) must not differ."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(t, 0)
+        return t.tolist()
+
+
+def start_ranks(device_name: str) -> tuple[Ranks, torch.device]:
+    """Join the process group when torchrun launched several processes (its WORLD_SIZE, RANK and LOCAL_RANK
+    variables): NCCL on GPUs, one per process (cuda:LOCAL_RANK), gloo on CPUs. Else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return Ranks(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # DDP warns that depthwise convs' gradients have other strides than their buckets: they differ only
+    # along a dimension of size 1, which is the same memory layout.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return Ranks(dist.get_rank(), dist.get_world_size()), device
+
+
+def unwrap(model: torch.nn.Module) -> P.DyProMamba:
+    """The network inside a DistributedDataParallel wrapper (or the network itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def slice_shares(mask: torch.Tensor, part: slice) -> dict[str, float]:
+    """Weights that turn the loss terms computed on batch[part] into that slice's share of the whole
+    batch's terms, so that the shares of all slices add up to the whole batch's terms (and gradients).
+
+    L_rep, L_SSIM, L_P2I and the unsupervised mode's smoothness prior are means over the batch's samples
+    (and pixels, bands): a slice of b of B samples holds b/B of them. L_pHSI is a mean over the batch's labelled pixels, wherever they fall: a
+    slice holding n of its N labels holds n/N (its mean is over its own n; a slice with none has 0).
+    A per-slice mean averaged over slices would weight each slice's labels by 1/n instead.
+    mask: the whole batch's (B, 1, h, w) labelled pixels."""
+    n_all, n_part = int(mask.sum()), int(mask[part].sum())
+    b_share = (part.stop - part.start) / mask.shape[0]
+    return {"phsi": n_part / n_all if n_all else 1.0, "rep": b_share, "ssim": b_share, "p2i": b_share,
+            "smooth": b_share}
+
+
+def autocast(amp: str, device: torch.device):
+    """The context of the network's forward: bfloat16 autocast for amp = "bf16", float32 otherwise.
+
+    Under bf16 the convolutions, linear layers and attention products run in bfloat16 (8 significant
+    bits); these stay in float32 because 8 bits are too few for them:
+      - the selective scan (ssm.selective_scan): its state sums up to h.w steps, and exp(delta.A) of a
+        slow channel, 1 - 1e-3, rounds to 1 in bfloat16 (the channel would never forget);
+      - the FRFT (frft.frft, frft2): dense N-point unitary sums whose inverse must undo them, and whose
+        order's gradient is a near-cancelling sum of size ~N.|x|;
+      - the losses (slice_loss): SSIM's variances are differences of nearly equal means, and L_rep and
+        L_P2I means of small differences. The weights, Adam and checkpoints are float32 throughout."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+# -----------------------------------------------------------------------------
 # fit
 
 def make_label_sets(scenes: dict[str, np.ndarray], ratio: float, seed: int, srf: torch.Tensor) -> dict:
@@ -451,20 +563,42 @@ class Budget:
         return self.seconds > 0 and time.time() - self.t0 > self.seconds
 
 
-def train_step(model, optimizer, batch, points, srf, lr: float, weights: dict) -> tuple[torch.Tensor, dict]:
-    """One Adam step on one batch; returns the loss and its terms (Eq. 15)."""
+def slice_loss(model, batch, points, srf, weights: dict, part: slice, amp: str = "none") -> dict[str, torch.Tensor]:
+    """The loss terms of Eq. (15) on batch[part], each weighted by slice_shares into that slice's share of
+    the whole batch's term: summed over the slices of a batch they are its terms, and so are their
+    gradients. The forward runs under `autocast(amp)`, the losses in float32 (see there)."""
     rgb, target, mask = batch
+    shares = slice_shares(mask, part)
+    with autocast(amp, rgb.device):
+        hsi, y3 = model(rgb[part], points[part])
+    # The losses outside autocast, on float32 outputs (see autocast).
+    _, terms = P.pixel_ssr_loss(unwrap(model), rgb[part], hsi.float(), y3.float(), target[part], mask[part],
+                                srf, weights)
+    return {k: v * shares[k] for k, v in terms.items()}
+
+
+def train_step(model, optimizer, batch, points, srf, lr: float, weights: dict, ranks: Ranks = Ranks(),
+               amp: str = "none") -> tuple[torch.Tensor, dict]:
+    """One Adam step on one batch; returns the whole batch's loss and its terms (Eq. 15).
+
+    Data parallel (ranks.world > 1, `model` wrapped in DistributedDataParallel): every rank holds the
+    whole batch and runs its slice of it (slice_loss); the ranks' shares add up to the whole batch's
+    loss. One process: the slice is the whole batch, every share 1.
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr
     model.train()
-    hsi, y3 = model(rgb, points)
-    loss, terms = P.pixel_ssr_loss(model, rgb, hsi, y3, target, mask, srf, weights)
-    if not torch.isfinite(loss):
-        return loss, terms
+    terms = slice_loss(model, batch, points, srf, weights, ranks.part(batch[0].shape[0]), amp)
+    loss = sum(weights[k] * v for k, v in terms.items())
+    whole = dict(zip(terms, ranks.sum(torch.stack([v.detach() for v in terms.values()]))))
+    whole_loss = sum(weights[k] * v for k, v in whole.items())
+    if not torch.isfinite(whole_loss):  # the same decision on every rank
+        return whole_loss, whole
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    # DistributedDataParallel averages the ranks' gradients; the whole batch's is their sum.
+    (loss * ranks.world if ranks.world > 1 else loss).backward()
     optimizer.step()
-    return loss, terms
+    return whole_loss, whole
 
 
 @torch.no_grad()
@@ -551,9 +685,18 @@ def check_resume(args, ckpt: dict) -> None:
 
 
 def fit(args) -> Path:
+    """Train; under torchrun, data parallel (Ranks): every rank runs this, rank 0 alone writes."""
+    ranks, device = start_ranks(args.device)
+    try:
+        return fit_on(args, ranks, device)
+    finally:
+        if ranks.world > 1:
+            dist.destroy_process_group()
+
+
+def fit_on(args, ranks: Ranks, device: torch.device) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(args.device)
     ckpt = load_checkpoint(out / "last.pt") if args.resume else None
     if ckpt is not None:
         check_resume(args, ckpt)
@@ -567,6 +710,8 @@ def fit(args) -> Path:
         split = {"train": train, "val": val, "test": test}
     if not split["train"]:
         raise data.SceneError(f"{args.data}: no training scenes left after the test/validation split.")
+    if cfg.batch_size < ranks.world:
+        raise ValueError(f"--batch-size {cfg.batch_size} cannot be split among {ranks.world} processes.")
     srf = torch.from_numpy(data.srf_matrix(cfg.srf))
     train_scenes = load_scenes(args.data, split["train"])
     val_scenes = load_scenes(args.data, split["val"])
@@ -595,12 +740,15 @@ def fit(args) -> Path:
     if ema is not None and ckpt is not None:
         ema.load_state_dict(ckpt["ema"])
     srf_dev, weights = srf.to(device), parse_weights(cfg.loss_weights)
+    net = model if ranks.world == 1 else DistributedDataParallel(model, [device] if device.type == "cuda" else None)
 
     def checkpoint(path: Path) -> None:
-        save_atomic({"model_config": dataclasses.asdict(mcfg), "train_config": dataclasses.asdict(cfg),
-                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                     "total_steps": total_steps, "best_psnr": best, "data": args.data, "split": split, "labels": stored,
-                     "gamma": list(gamma), **({"ema": ema.state_dict()} if ema is not None else {})}, path)
+        if ranks.main:
+            save_atomic({"model_config": dataclasses.asdict(mcfg), "train_config": dataclasses.asdict(cfg),
+                         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                         "total_steps": total_steps, "best_psnr": best, "data": args.data, "split": split,
+                         "labels": stored, "gamma": list(gamma), **({"ema": ema.state_dict()} if ema is not None else {})},
+                        path)
 
     def validation() -> None:
         """Log the validation PSNR at this step (a learning curve) and keep the best state as best.pt."""
@@ -612,19 +760,21 @@ def fit(args) -> Path:
             best = psnr
             checkpoint(out / "best.pt")
 
-    print(f"training on {len(split['train'])} scenes ({', '.join(split['train'])}), "
-          f"{sum(len(v['coords']) for v in labels.values())} labelled pixels, {len(dataset)} patches/epoch, "
-          f"Gamma alpha={gamma[0]:.3f} theta={gamma[1]:.4f}, device {device}")
-    if cfg.label_ratio == 0:
-        print(UNSUPERVISED_WARNING)
-    if ckpt is not None and (out / "log.jsonl").exists():  # drop the steps after last.pt: they are redone
+    if ranks.main:
+        print(f"training on {len(split['train'])} scenes ({', '.join(split['train'])}), "
+              f"{sum(len(v['coords']) for v in labels.values())} labelled pixels, {len(dataset)} patches/epoch, "
+              f"Gamma alpha={gamma[0]:.3f} theta={gamma[1]:.4f}, device {device}"
+              + (f", {ranks.world} processes" if ranks.world > 1 else ""))
+        if cfg.label_ratio == 0:
+            print(UNSUPERVISED_WARNING)
+    if ranks.main and ckpt is not None and (out / "log.jsonl").exists():  # drop the steps after last.pt: redone
         lines = (out / "log.jsonl").read_text().splitlines(keepends=True)
         (out / "log.jsonl").write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
-    log = open(out / "log.jsonl", "a")
+    log = open(out / "log.jsonl" if ranks.main else os.devnull, "a")
     budget = Budget(cfg.max_minutes, sized=cfg.max_minutes > 0 and not args.epochs_given and ckpt is None)
-    pbar = tqdm(total=total_steps, initial=step, dynamic_ncols=True)
+    pbar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, disable=not ranks.main)
     first = step
-    if val_scenes and cfg.val_every and step == 0:  # the curve starts where training does
+    if val_scenes and ranks.main and cfg.val_every and step == 0:  # the curve starts where training does
         validation()
     while step < total_steps:
         epoch, i = divmod(step, steps_per_epoch)
@@ -635,7 +785,7 @@ def fit(args) -> Path:
         batch = tuple(t.to(device) for t in (rgb, target, mask))
         points = P.sample_points(target.shape, cfg.label_ratio, *gamma, generator=g, dist=mcfg.points, device=device)
         lr = get_lr(step, total_steps, cfg)
-        loss, terms = train_step(model, optimizer, batch, points, srf_dev, lr, weights)
+        loss, terms = train_step(net, optimizer, batch, points, srf_dev, lr, weights, ranks, cfg.amp)
         if not torch.isfinite(loss):
             raise data.SceneError(f"{out}: the loss became {loss.item()} at step {step}; "
                                   f"{out / 'last.pt'} holds the last good state.")
@@ -643,20 +793,21 @@ def fit(args) -> Path:
             update_ema(ema, model, cfg.ema)
         step += 1
         total_steps = budget.total_steps(step, step - first, total_steps)
+        total_steps, out_of_time = ranks.agree([total_steps, budget.out_of_time()])  # rank 0's clock decides
         pbar.total = total_steps
         pbar.update(1)
         pbar.set_postfix({k: f"{v.item():.4f}" for k, v in terms.items()} | {"lr": f"{lr:.2e}"})
         log.write(json.dumps({"step": step, "epoch": epoch, "lr": lr, "loss": loss.item(),
                               **{k: v.item() for k, v in terms.items()}}) + "\n")
-        out_of_time = budget.out_of_time()
         end_of_epoch = step % steps_per_epoch == 0 or step == total_steps or out_of_time
-        if val_scenes and (end_of_epoch or (cfg.val_every and step % cfg.val_every == 0)):
+        if val_scenes and ranks.main and (end_of_epoch or (cfg.val_every and step % cfg.val_every == 0)):
             validation()
         if end_of_epoch:
             checkpoint(out / "last.pt")
         if out_of_time:
-            print(f"\nstopped after {cfg.max_minutes} minutes at step {step}/{total_steps}; "
-                  f"--resume continues from {out / 'last.pt'}")
+            if ranks.main:
+                print(f"\nstopped after {cfg.max_minutes} minutes at step {step}/{total_steps}; "
+                      f"--resume continues from {out / 'last.pt'}")
             break
     pbar.close()
     log.close()
@@ -1046,6 +1197,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     f.add_argument("--prior", default=P.Config.prior, choices=["none", "rootpoly"],
                    help="rootpoly: learn a correction to the root-polynomial map of the labels (beyond the paper)")
     add_model_flags(f)
+    f.add_argument("--amp", default=d.amp, choices=["none", "bf16"],
+                   help="bf16: the forward under bfloat16 autocast (GPUs), scan, FRFT and losses in float32")
     e = sub.add_parser("eval", help="full-image metrics on test scenes")
     e.add_argument("--ckpt", required=True)
     e.add_argument("--data", default=None, help="default: the run's own data folder (or the demo scenes)")
@@ -1125,11 +1278,15 @@ def demo() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    keep_freed_cpu_memory()
     try:
-        if not argv:
+        args = parse_args(argv) if argv else None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (args is None or args.cmd != "fit"):
+            raise data.SceneError(f"{args.cmd if args else 'the demo'} runs in one process: start it with python, "
+                                  f"not torchrun (only fit is data parallel).")
+        if args is None:
             demo()
             return 0
-        args = parse_args(argv)
         {"fit": fit, "eval": evaluate, "predict": predict, "table": table}[args.cmd](args)
     except (data.SceneError, ValueError) as e:  # bad input: one sentence, no traceback
         print(f"error: {e}", file=sys.stderr)
