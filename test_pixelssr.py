@@ -1694,6 +1694,16 @@ def _loss_input_spy(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor, torch
     return calls
 
 
+def _spied_fit(tmp_path, monkeypatch, ratio: str) -> tuple[Path, Path, dict, list]:
+    """One epoch on the demo crops at --label-ratio ratio, the loss's inputs recorded: (data folder, run
+    folder, its last.pt, the loss calls)."""
+    root, out = _demo_dir(tmp_path), tmp_path / "run"
+    calls = _loss_input_spy(monkeypatch)
+    assert train.main(["fit", "--data", str(root), "--out", str(out), "--epochs", "1", "--label-ratio", ratio,
+                       "--test-scenes", "demo_02", *FAST]) == 0
+    return root, out, torch.load(out / "last.pt", weights_only=True), calls
+
+
 def test_the_loss_sees_only_the_runs_fixed_labelled_pixels_in_every_epoch(tmp_path, monkeypatch):
     """Over two epochs, every pixel the loss is told is labelled (its mask) carries the spectrum of a pixel of
     the fixed label set saved in the checkpoint, and only that pixel's own spectrum; so the labelled pixels
@@ -1727,12 +1737,7 @@ def test_unsupervised_mode_has_no_labels_and_fits_gamma_to_the_rgb(tmp_path, mon
     method-of-moments fit of the training scenes' RGB values (computed here in numpy from the cubes), not of
     their spectra. Guards against the unsupervised Gamma fitted to the hidden training spectra, which the
     unsupervised mode must never read (a check that alpha, theta are finite and positive accepts it)."""
-    root = _demo_dir(tmp_path)
-    calls = _loss_input_spy(monkeypatch)
-    out = tmp_path / "run"
-    assert train.main(["fit", "--data", str(root), "--out", str(out), "--epochs", "1", "--label-ratio", "0",
-                       "--test-scenes", "demo_02", *FAST]) == 0
-    ckpt = torch.load(out / "last.pt", weights_only=True)
+    root, out, ckpt, calls = _spied_fit(tmp_path, monkeypatch, "0")
     assert all(len(v["coords"]) == 0 for v in ckpt["labels"].values())
     assert calls and not any(mask.any() for _, _, mask in calls)
     s = data.srf_matrix().astype(np.float64)
@@ -2440,12 +2445,7 @@ def test_image_level_run_keeps_the_rule_not_the_spectra_and_every_pixel_supervis
     """--label-ratio 1: the checkpoint holds {"every_pixel": (H, W)} per scene, not the spectra (a ~0.8 GB
     file on CAVE, rewritten every epoch); every pixel of every patch reaches L_pHSI with its own spectrum; no
     point cube by default (the paper's supervised baselines); eval re-derives the labels for its regression."""
-    root = _demo_dir(tmp_path)
-    calls = _loss_input_spy(monkeypatch)
-    run = tmp_path / "run"
-    assert train.main(["fit", "--data", str(root), "--out", str(run), "--epochs", "1", "--label-ratio", "1",
-                       "--test-scenes", "demo_02", *FAST]) == 0
-    ckpt = torch.load(run / "last.pt", weights_only=True)
+    _, run, ckpt, calls = _spied_fit(tmp_path, monkeypatch, "1")
     assert {n: v["every_pixel"].tolist() for n, v in ckpt["labels"].items()} == {"demo_00": [48, 48], "demo_01": [48, 48]}
     assert ckpt["model_config"]["points"] == "zeros"
     assert calls and all(mask.all() for _, _, mask in calls)
