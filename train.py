@@ -694,20 +694,38 @@ def fit(args) -> Path:
             dist.destroy_process_group()
 
 
+def run_settings(args) -> tuple[dict | None, TrainConfig, P.Config, dict[str, list[str]]]:
+    """(the checkpoint --resume continues, or None; the training and model configs; the scene split).
+    A resumed run keeps its own settings and data folder, except the time budget, which belongs to this
+    session; a new run takes them from the flags."""
+    ckpt = load_checkpoint(Path(args.out) / "last.pt") if args.resume else None
+    if ckpt is None:
+        cfg, mcfg = run_configs(args)
+        train, val, test = data.split_scenes(scene_names(args.data), args.test_scenes, args.val_scenes)
+        return None, cfg, mcfg, {"train": train, "val": val, "test": test}
+    check_resume(args, ckpt)
+    args.data = ckpt["data"]
+    cfg = dataclasses.replace(TrainConfig(**ckpt["train_config"]), max_minutes=args.max_minutes)
+    return ckpt, cfg, P.Config(**ckpt["model_config"]), ckpt["split"]
+
+
+def draw_batch(dataset: data.PatchDataset, epoch: int, i: int, cfg: TrainConfig, gamma: tuple[float, float],
+               points: str, device: torch.device) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Batch i of an epoch, ((rgb, target, mask), point cube), on the device. Every draw (the epoch's order,
+    the patches' flips, the exposure, the points) is seeded by (seed, epoch, i), so a resumed run draws
+    exactly what the uninterrupted one did."""
+    order = torch.randperm(len(dataset), generator=seeded(cfg.seed, epoch))
+    g = seeded(cfg.seed, epoch, i)
+    rgb, target, mask = dataset.batch(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], g)
+    rgb, target = augment_exposure(rgb, target, cfg.exposure, g)
+    pts = P.sample_points(target.shape, cfg.label_ratio, *gamma, generator=g, dist=points, device=device)
+    return tuple(t.to(device) for t in (rgb, target, mask)), pts
+
+
 def fit_on(args, ranks: Ranks, device: torch.device) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = load_checkpoint(out / "last.pt") if args.resume else None
-    if ckpt is not None:
-        check_resume(args, ckpt)
-        # the run's settings, except the time budget, which belongs to this session
-        cfg = dataclasses.replace(TrainConfig(**ckpt["train_config"]), max_minutes=args.max_minutes)
-        mcfg = P.Config(**ckpt["model_config"])
-        split, args.data = ckpt["split"], ckpt["data"]
-    else:
-        cfg, mcfg = run_configs(args)
-        train, val, test = data.split_scenes(scene_names(args.data), args.test_scenes, args.val_scenes)
-        split = {"train": train, "val": val, "test": test}
+    ckpt, cfg, mcfg, split = run_settings(args)
     if not split["train"]:
         raise data.SceneError(f"{args.data}: no training scenes left after the test/validation split.")
     if cfg.batch_size < ranks.world:
@@ -715,13 +733,9 @@ def fit_on(args, ranks: Ranks, device: torch.device) -> Path:
     srf = torch.from_numpy(data.srf_matrix(cfg.srf))
     train_scenes = load_scenes(args.data, split["train"])
     val_scenes = load_scenes(args.data, split["val"])
-    if ckpt is not None:
-        stored, gamma = ckpt["labels"], tuple(ckpt["gamma"])
-        labels = expand_label_sets(stored, train_scenes, srf)
-    else:
-        stored = make_label_sets(train_scenes, cfg.label_ratio, cfg.seed, srf)
-        labels = expand_label_sets(stored, train_scenes, srf)
-        gamma = gamma_params(labels, train_scenes, srf)
+    stored = ckpt["labels"] if ckpt is not None else make_label_sets(train_scenes, cfg.label_ratio, cfg.seed, srf)
+    labels = expand_label_sets(stored, train_scenes, srf)
+    gamma = tuple(ckpt["gamma"]) if ckpt is not None else gamma_params(labels, train_scenes, srf)
 
     dataset = data.PatchDataset([(train_scenes[n], labels[n]["coords"].numpy()) for n in split["train"]],
                                 srf.numpy(), patch=cfg.patch, stride=cfg.stride, around_labels=cfg.label_patches)
@@ -778,12 +792,7 @@ def fit_on(args, ranks: Ranks, device: torch.device) -> Path:
         validation()
     while step < total_steps:
         epoch, i = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(dataset), generator=seeded(cfg.seed, epoch))
-        g = seeded(cfg.seed, epoch, i)
-        rgb, target, mask = dataset.batch(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], g)
-        rgb, target = augment_exposure(rgb, target, cfg.exposure, g)
-        batch = tuple(t.to(device) for t in (rgb, target, mask))
-        points = P.sample_points(target.shape, cfg.label_ratio, *gamma, generator=g, dist=mcfg.points, device=device)
+        batch, points = draw_batch(dataset, epoch, i, cfg, gamma, mcfg.points, device)
         lr = get_lr(step, total_steps, cfg)
         loss, terms = train_step(net, optimizer, batch, points, srf_dev, lr, weights, ranks, cfg.amp)
         if not torch.isfinite(loss):
