@@ -288,7 +288,8 @@ def bench_model(device: torch.device, batch: int, repeat: int) -> None:
     t_fb = _timed(lambda: sum(y.sum() for y in model(rgb, pts)).backward(), device, repeat)
     print(f"one 128x128 patch: forward {t_fwd * 1e3:.0f} ms, forward+backward {t_fb * 1e3:.0f} ms")
 
-    # a real training step (train.train_step): batch of patches, all four losses, Adam
+    # a real training step (train.train_step): batch of patches, all four losses, Adam; channels-last, as fit trains
+    model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.99))
     srf = torch.from_numpy(data.srf_matrix())
     rgb_b = torch.rand(batch, 3, 128, 128, device=device)
@@ -310,7 +311,7 @@ def bench_model(device: torch.device, batch: int, repeat: int) -> None:
         print(f"  one profiled step, {total:.2f} s: " + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f} %)"
                                                                 for k, v in parts.items()))
 
-    model.eval()
+    model.to(memory_format=torch.contiguous_format).eval()  # as eval runs it
     rgb5 = torch.rand(1, 3, 512, 512, device=device)
     pts5 = P.sample_points((1, 31, 512, 512), 1e-4, 2.0, 0.1, device=device)
     with torch.no_grad():

@@ -741,7 +741,10 @@ def fit_on(args, ranks: Ranks, device: torch.device) -> Path:
                                 srf.numpy(), patch=cfg.patch, stride=cfg.stride, around_labels=cfg.label_patches)
     steps_per_epoch = max(1, len(dataset) // cfg.batch_size)
     torch.manual_seed(cfg.seed)
-    model = P.DyProMamba(mcfg).to(device)
+    # channels-last weights, and so activations (a convolution's output takes its weight's layout): oneDNN's own
+    # layout, and SS2D's permute to (b, h, w, c) costs no copy; a training step ~5 % faster on a 2-core CPU.
+    # (Not in eval: there the layout's extra temporaries cost more in page faults than it saves.)
+    model = P.DyProMamba(mcfg).to(device, memory_format=torch.channels_last)
     if model.prior is not None and ckpt is None:
         model.prior.copy_(torch.from_numpy(root_poly_prior(labels)))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8)
