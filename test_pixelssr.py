@@ -1624,10 +1624,9 @@ def test_learning_curve_starts_at_the_untrained_network_and_ends_at_the_saved_on
     val = {"demo_01": np.load(root / "demo_01.npy")}
     torch.manual_seed(cfg.seed)
     untrained = P.DyProMamba(P.Config(**ckpt["model_config"]))
-    # fit trains and validates channels-last, these run the default layout: the same weights, the sums of the
-    # convolutions taken in another order (2e-8 dB apart, measured)
     for model, (_, psnr) in ((untrained, curve[0]), (train.build_model(ckpt, torch.device("cpu")), curve[-1])):
-        assert train.validate(model, val, srf, cfg, ckpt["gamma"], "gamma") == pytest.approx(psnr, abs=1e-6)
+        model.to(memory_format=torch.channels_last)  # as fit trains and validates (the layout changes the rounding)
+        assert train.validate(model, val, srf, cfg, ckpt["gamma"], "gamma") == pytest.approx(psnr, abs=1e-9)
 
 
 def test_ema_is_the_decayed_average_of_the_weights():
