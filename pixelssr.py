@@ -27,6 +27,7 @@ Glossary (code name = paper symbol):
   p_hf       = P_hf, Spa-HF prompt                        p_spe  = P_spe, spectral prompt (heads, d, d)
   srf        = S, the 3x31 spectral response (X = S.Y)    h2r    = M_H2R, HSI-to-RGB map of L_P2I
   prior      = M, root-polynomial RGB-to-spectrum map (6, 31), only with Config.prior = "rootpoly" (not the paper's)
+  gate       = g, per-band scale of the correction to M (31, 1, 1), zero at the start; with the prior only
   C          = cfg.width (the paper's B = 40)             ratio  = omega, the label ratio
   body       = the dotted box of Fig. 3: Y3 and P_spe (and X) in, the 31 bands before the output layer out
 """
@@ -70,9 +71,9 @@ class Config:
     # saturated (its gradient is +-1 everywhere) and blind to the sign a band's weights happen to take;
     # "linear" = the paper's bare conv3, whose bands trained networks flipped (README, "What training fixes")
     output: str = "abs"
-    # "rootpoly" (opt-in, beyond the paper): Y^r = |M(X) + correction|, M the root-polynomial map fitted
-    # on the run's labelled pixels (a (6, 31) buffer, saved with the weights), the correction zero at
-    # the start, so training starts at the classical baseline; "none": the paper's network alone
+    # "rootpoly" (opt-in, beyond the paper): Y^r = |M(X) + g * correction|, M the root-polynomial map
+    # fitted on the run's labelled pixels (a (6, 31) buffer, saved with the weights), g a per-band gate
+    # that starts at zero, so training starts at the classical baseline; "none": the paper's network alone
     prior: str = "none"
 
 
@@ -351,7 +352,7 @@ class PromptSSMU(nn.Module):
     The interface every body has (backbones.py): `prompt_shapes(cfg)`, the (width, heads, downsampling) of
     each block that takes a P_spe (empty: none), asked before the body is built so that the DRPN is built
     (and initialised) first; `multiple`, what h and w must divide (DyProMamba pads to it);
-    `out`, the last layer, which --prior rootpoly zeroes; forward(rgb (b, 3, h, w), y3 (b, 31, h, w),
+    `out`, the last layer; forward(rgb (b, 3, h, w), y3 (b, 31, h, w),
     p_spe: list or None) -> (b, 31, h, w), before the output layer's |.|.
     """
 
@@ -405,8 +406,6 @@ class DyProMamba(nn.Module):
             raise ValueError(f"unknown backbone {cfg.backbone!r}: use one of {', '.join(bodies)}")
         if cfg.output not in ("abs", "linear") or cfg.prior not in ("none", "rootpoly"):
             raise ValueError(f"output must be abs or linear and prior none or rootpoly, got {cfg.output!r}, {cfg.prior!r}")
-        if cfg.prior == "rootpoly" and cfg.backbone != "dypro":
-            raise ValueError(f"prior rootpoly starts the dypro body at zero; the {cfg.backbone} body has no such start")
         body = bodies[cfg.backbone]
         self.drpn = DRPN(cfg, body.prompt_shapes(cfg)) if cfg.use_drpn else None
         self.body = body(cfg)
@@ -414,10 +413,13 @@ class DyProMamba(nn.Module):
         self.h2r = nn.Sequential(conv3(nb, nb), nn.GELU(), conv3(nb, 3)) if cfg.h2r and cfg.use_drpn else None
         if cfg.prior == "rootpoly":
             self.register_buffer("prior", torch.zeros(6, nb))  # set by train.py from the labelled pixels
-            nn.init.zeros_(self.body.out.weight)  # start at the prior: the network learns a correction
-            nn.init.zeros_(self.body.out.bias)
+            # Start at the prior with a zero gate on the body's output, not a zeroed last conv: Adam's
+            # first step moves every parameter by ~lr whatever its gradient, so from a zero conv it added
+            # ~lr times 9C features to each band (one step at lr 3e-4 doubled the error at the labelled
+            # pixels, and the CPU budget went to recovering it); from a zero gate it adds lr * body output.
+            self.gate = nn.Parameter(torch.zeros(nb, 1, 1))
         else:
-            self.prior = None
+            self.prior = self.gate = None
 
     def forward(self, rgb: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = rgb.shape[-2:]
@@ -441,7 +443,7 @@ class DyProMamba(nn.Module):
         21 bands at exactly 0, where no gradient reaches. |.| is non-negative, its gradient is +-1
         everywhere, and a band whose weights flip sign comes out unchanged."""
         if self.prior is not None:
-            y = y + torch.einsum("fn,bfhw->bnhw", self.prior, root_poly_features(rgb, dim=1))
+            y = self.gate * y + torch.einsum("fn,bfhw->bnhw", self.prior, root_poly_features(rgb, dim=1))
         return y.abs() if self.cfg.output == "abs" else y
 
 

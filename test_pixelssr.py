@@ -2364,6 +2364,70 @@ def test_rootpoly_prior_starts_at_the_baseline_fitted_on_the_runs_labels(tmp_pat
     torch.testing.assert_close(out[0].permute(1, 2, 0).reshape(-1, 31), base.float().abs(), rtol=1e-3, atol=1e-4)
 
 
+def _prior_model(backbone: str = "dypro", seed: int = 0) -> tuple[P.DyProMamba, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a small model with --prior rootpoly fitted on every pixel of a 32x32 demo scene, its RGB, its cube,
+    the srf)."""
+    m = _model(dataclasses.replace(SMALL, prior="rootpoly", backbone=backbone), seed)
+    hsi = torch.from_numpy(data.demo_scenes(n=1, size=32)[0][1]).permute(2, 0, 1)[None]  # (1, 31, 32, 32)
+    srf = torch.from_numpy(data.srf_matrix("cie1964")).float()
+    rgb = torch.einsum("cn,bnhw->bchw", srf, hsi)
+    flat = lambda t: t[0].permute(1, 2, 0).reshape(-1, t.shape[1]).numpy()
+    m.prior.copy_(torch.from_numpy(train.fit_root_poly(flat(rgb), flat(hsi)).astype(np.float32)))
+    return m, rgb, hsi, srf
+
+
+@pytest.mark.parametrize("backbone", ["dypro", *backbones.BODIES])
+def test_a_fresh_model_with_the_prior_outputs_the_prior_whatever_its_body(backbone):
+    """Guards the start of --prior rootpoly on every body: |M(X)| exactly, whatever the body's output."""
+    m, rgb, _, _ = _prior_model(backbone)
+    with torch.no_grad():
+        out = m(rgb, torch.zeros(1, 31, *rgb.shape[-2:]))[0]
+    base = torch.einsum("fn,bfhw->bnhw", m.prior, P.root_poly_features(rgb, dim=1)).abs()
+    assert torch.equal(out, base)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**31), lr=st.floats(3e-4, 3e-3))
+def test_the_first_adam_step_from_the_prior_leaves_the_output_near_it(seed, lr):
+    """Guards against a start at the prior that the first step undoes: Adam moves every parameter by ~lr
+    whatever its gradient, and from a zeroed last conv one step at lr 2e-3 moved the output by 24-46 % of its
+    level (width 8 and 40). From the zero gate only the gate's step reaches the output: under 1 %."""
+    m, rgb, hsi, srf = _prior_model(seed=seed % 1000)
+    mask = torch.zeros(1, 1, 32, 32, dtype=torch.bool)
+    mask[..., seed % 8::8, seed % 7::8] = True  # a few labelled pixels, as in a pixel-level batch
+    points = torch.zeros_like(hsi)
+    with torch.no_grad():
+        before = m(rgb, points)[0]
+    opt = torch.optim.Adam(m.parameters(), lr=lr)
+    P.pixel_ssr_loss(m, rgb, *m(rgb, points), hsi, mask, srf)[0].backward()
+    opt.step()
+    with torch.no_grad():
+        after = m(rgb, points)[0]
+    assert (after - before).abs().mean() < 0.01 * before.abs().mean()
+
+
+def test_a_prior_run_from_before_the_gate_evaluates_as_trained_and_refuses_to_resume(tmp_path, capsys):
+    """Guards old --prior checkpoints (Y^r = |M(X) + body|, no gate): eval reads them with the gate at 1,
+    the form they were trained in; resume cannot continue their Adam state and says so in one sentence."""
+    root, run = _demo_dir(tmp_path), tmp_path / "run"
+    fit = ["fit", "--data", str(root), "--out", str(run), "--epochs", "1", "--label-ratio", "0.01",
+           "--test-scenes", "demo_02", "--prior", "rootpoly", *FAST]
+    assert train.main(fit) == 0
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    del ckpt["model"]["gate"]
+    torch.save(ckpt, run / "last.pt")
+    model = train.build_model(train.load_checkpoint(str(run / "last.pt")), torch.device("cpu"))
+    rgb, points = _inputs(1, 16, 16)
+    with torch.no_grad():
+        body = model.body(rgb, *model.drpn(rgb, points))
+        expected = (body + torch.einsum("fn,bfhw->bnhw", model.prior, P.root_poly_features(rgb, dim=1))).abs()
+        torch.testing.assert_close(model(rgb, points)[0], expected, rtol=0, atol=1e-6)
+    capsys.readouterr()
+    assert train.main(fit + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "before its gate" in err and "Traceback" not in err
+
+
 def test_a_checkpoint_from_before_the_output_fix_keeps_its_linear_head(tmp_path):
     """Guards against an old run silently re-read with the new defaults (|.| output, label patches):
     a checkpoint without those fields is the paper's linear head on grid patches."""
