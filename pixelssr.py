@@ -433,8 +433,8 @@ class DyProMamba(nn.Module):
         return hsi[..., :h, :w], y3[..., :h, :w]
 
     def head(self, y: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
-        """Y^r from the last conv's (b, 31, h, w) output: plus the root-polynomial prior M(X) when there is
-        one, then |.| unless cfg.output is the paper's "linear".
+        """Y^r from the last conv's (b, 31, h, w) output: with the root-polynomial prior, M(X) plus the output
+        scaled by the per-band gate; then |.| unless cfg.output is the paper's "linear".
 
         Why |.|: with a bare conv (the paper's form) trained networks flipped whole bands negative, and
         the clamp at evaluation turned them black. L_SSIM over adjacent bands defends such a band: where
