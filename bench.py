@@ -39,7 +39,7 @@ import data
 import pixelssr as P
 import train
 from frft import frft2
-from ssm import selective_scan, selective_scan_chunks, selective_scan_ref
+from ssm import SS2D, selective_scan, selective_scan_chunks, selective_scan_ref
 
 # The profiler that measures CPU peak memory (kineto) logs `USDT ... profiler_start/stop` lines to
 # stderr at its highest level (5); 6 silences it. Read when the profiler first starts, so setting it here is enough.
@@ -228,11 +228,24 @@ def bench_frft(device: torch.device) -> None:
           f"frft2 takes {both_frft / floor:.2f}× that")
 
 
-def _macs(fn) -> float:
-    """Multiply-accumulates of fn(): torch.utils.flop_counter's FLOPs / 2, the count papers call FLOPs."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops() / 2
+def macs(fn) -> float:
+    """Multiply-accumulates of fn(): torch.utils.flop_counter's FLOPs / 2, the count papers call FLOPs, less
+    the zero blocks of each SS2D's block-diagonal Δ projection (ssm.SS2D.forward): flop_counter counts the
+    whole (4E, 4R) matrix, the model's arithmetic is its four (E, R) blocks."""
+    zero_blocks = []
+
+    def count(module, args, output):
+        if isinstance(module, SS2D):
+            b, _, h, w = args[0].shape
+            zero_blocks.append(b * h * w * 12 * module.E * module.R)  # 16ER per pixel counted, 4ER done
+
+    hook = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        hook.remove()
+    return counter.get_total_flops() / 2 - sum(zero_blocks)
 
 
 # Table 10 of the paper (params in M, FLOPs in G at 128x128, multiply-accumulates); HSCNN+ is not in it:
@@ -254,7 +267,7 @@ def bench_bodies(device: torch.device) -> None:
             torch.manual_seed(0)
             model = P.DyProMamba(P.Config(backbone=name, use_drpn=use_drpn, h2r=False)).to(device).eval()
             with torch.no_grad():
-                row += [sum(p.numel() for p in model.parameters()) / 1e6, _macs(lambda: model(rgb, pts)) / 1e9]
+                row += [sum(p.numel() for p in model.parameters()) / 1e6, macs(lambda: model(rgb, pts)) / 1e9]
         print(f"{name:<8}{row[0]:>10.3f}{row[1]:>9.2f}{row[2]:>12.3f}{row[3]:>9.2f}{TABLE_10[name][0]:>9.2f}{TABLE_10[name][1]:>9.2f}")
 
 
@@ -270,10 +283,10 @@ def bench_model(device: torch.device, batch: int, repeat: int) -> None:
     rgb = torch.rand(1, 3, 128, 128, device=device)
     pts = P.sample_points((1, 31, 128, 128), 1e-4, 2.0, 0.1, device=device)
     with torch.no_grad():
-        macs = _macs(lambda: model(rgb, pts))
+        macs = macs(lambda: model(rgb, pts))
         z = torch.randn(1, cfg.width, 128, 128, device=device)  # what the Spa-FRFT branch transforms
-        frft_macs = _macs(lambda: model.drpn.spa.transform(model.drpn.spa.transform(z), inverse=True))
-        drpn_macs = _macs(lambda: model.drpn(rgb, pts))
+        frft_macs = macs(lambda: model.drpn.spa.transform(model.drpn.spa.transform(z), inverse=True))
+        drpn_macs = macs(lambda: model.drpn(rgb, pts))
     print(f"\nDyPro-Mamba (width {cfg.width}) on {device}")
     print(f"parameters: {(n_all - n_h2r) / 1e6:.3f} M for inference (+{n_h2r / 1e6:.3f} M of the training-only "
           f"H2R of L_P2I); DRPN {n_drpn / 1e6:.3f} M      paper (Table 10): 0.61 M")

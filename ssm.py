@@ -124,40 +124,44 @@ def _decay(dt: Tensor, A2: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.mul(dt[..., None, :], A2, out=out).exp2_()
 
 
-def _scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, K: int
+def _scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, K: int, keep: bool
                   ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Chunked forward. u, delta (b, l, d); A (d, n); B, C (b, l, g, n); l a multiple of K.
 
     Returns y (b, l, d), last state (b, d, n), and the states before every `_SUB`-th step of each chunk,
-    a list of (b, K, g, n, d/g).
+    a list of (b, K, g, n, d/g); empty unless `keep` (only the backward needs them).
     """
     b, l, d = u.shape
     g, n = B.shape[2], B.shape[3]
     dg, T = d // g, l // K
     A2 = _base2(A, g)                                            # (g, n, d/g)
-    dts, dtus = _steps(delta.view(b, l, g, dg), K), _steps((delta * u).view(b, l, g, dg), K)  # T × (b, K, g, d/g)
+    dts, us = (_steps(x.view(b, l, g, dg), K) for x in (delta, u))   # T × (b, K, g, d/g)
     Bs, Cs = _steps(B[..., None], K), _steps(C[..., None], K)    # T × (b, K, g, n, 1)
 
     # The loops below update preallocated tensors in place: a fresh ~1 MB tensor per step would cost
     # more than the arithmetic (the allocator hands such blocks back to the OS, and every reuse page-faults).
+    # Δ·u too is taken a step at a time: as one tensor it would be another full-size (b, l, d) temporary.
     h = A2.new_zeros(b, K, g, n, dg)                                   # the state
     a, prod = torch.empty_like(h), torch.empty_like(h)                 # its decay; a product before its sum
+    dtu = u.new_empty(b, K, g, 1, dg)                                  # Δ_t·u_t
 
     # (1)-(2) true chunk starts (the last chunk's end is not needed): end states from zero, then the carry.
     if K > 1:
         ends = torch.zeros_like(h[:, :-1])
-        for dt, dtu, B_t in zip(dts, dtus, Bs):
-            ends.mul_(_decay(dt[:, :-1], A2, a[:, :-1])).addcmul_(B_t[:, :-1], dtu[:, :-1, :, None, :])
+        for dt, u_t, B_t in zip(dts, us, Bs):
+            torch.mul(dt[:, :-1, :, None], u_t[:, :-1, :, None], out=dtu[:, :-1])
+            ends.mul_(_decay(dt[:, :-1], A2, a[:, :-1])).addcmul_(B_t[:, :-1], dtu[:, :-1])
         chunk_decay = _decay(delta.view(b, K, T, g, dg).sum(2), A2)  # (b, K, g, n, d/g)  exp(A·ΣΔ)
         for k in range(1, K):
             h[:, k] = torch.addcmul(ends[:, k - 1], chunk_decay[:, k - 1], h[:, k - 1])
 
     # (3) every chunk from its true start, reading out y and keeping every _SUB-th state for the backward.
     y, kept = u.new_empty(b, K, T, g, dg), []
-    for t, (dt, dtu, B_t, C_t) in enumerate(zip(dts, dtus, Bs, Cs)):
-        if t % _SUB == 0:
+    for t, (dt, u_t, B_t, C_t) in enumerate(zip(dts, us, Bs, Cs)):
+        if keep and t % _SUB == 0:
             kept.append(h.clone())
-        h.mul_(_decay(dt, A2, a)).addcmul_(B_t, dtu[..., None, :])     # (b, K, g, n, d/g)
+        torch.mul(dt[..., None, :], u_t[..., None, :], out=dtu)
+        h.mul_(_decay(dt, A2, a)).addcmul_(B_t, dtu)                    # (b, K, g, n, d/g)
         torch.sum(torch.mul(C_t, h, out=prod), -2, out=y[:, :, t])  # (b, K, g, d/g)  Σ_n C·h
     last = h[:, -1].transpose(-1, -2).reshape(b, d, n)          # a copy
     return y.view(b, l, d), last, kept
@@ -226,8 +230,8 @@ class _ChunkedScan(torch.autograd.Function):
     """y, last_state = scan(u, delta, A, B, C) in the internal layout; saves the inputs and the kept states."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, K: int):
-        y, last, kept = _scan_forward(u, delta, A, B, C, K)
+    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, K: int, keep: bool):
+        y, last, kept = _scan_forward(u, delta, A, B, C, K, keep)
         ctx.save_for_backward(u, delta, A, B, C, *kept)
         ctx.K = K
         ctx.set_materialize_grads(False)                         # dy or dlast is None when unused
@@ -238,7 +242,7 @@ class _ChunkedScan(torch.autograd.Function):
         u, delta, A, B, C, *kept = ctx.saved_tensors
         dy = torch.zeros_like(u) if dy is None else dy.contiguous()
         with torch.autocast(u.device.type, enabled=False):  # in the forward's precision, as selective_scan says
-            return (*_scan_backward(u, delta, A, B, C, kept, dy, dlast, ctx.K), None)
+            return (*_scan_backward(u, delta, A, B, C, kept, dy, dlast, ctx.K), None, None)
 
 
 def selective_scan_chunks(b: int, d: int, n: int, l: int, device: torch.device) -> int:
@@ -292,10 +296,12 @@ def _selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     u_p, delta_p, B_p, C_p = ((F.pad(x, (0,) * (2 * x.dim() - 3) + (pad,)) if pad else x).contiguous()
                               for x in (u.transpose(1, 2), delta.transpose(1, 2), B4.permute(0, 3, 1, 2),
                                         C4.permute(0, 3, 1, 2)))
-    y, last = _ChunkedScan.apply(u_p, delta_p, A.contiguous(), B_p, C_p, K)
+    # the states the backward restarts from, only if there will be one (a 512x512 eval kept 170 MB per scan)
+    keep = torch.is_grad_enabled() and any(x.requires_grad for x in (u_p, delta_p, A, B_p, C_p))
+    y, last = _ChunkedScan.apply(u_p, delta_p, A.contiguous(), B_p, C_p, K, keep)
     y = y[:, :l].transpose(1, 2)                                 # (b, d, l)
     if D is not None:
-        y = y + D[:, None] * u
+        y = torch.addcmul(y, D[:, None], u)
     if z is not None:
         y = y * F.silu(z)
     return (y, last) if return_last_state else y
@@ -334,6 +340,17 @@ class SS2D(nn.Module):
         self.norm = nn.LayerNorm(E)
         self.out_proj = nn.Linear(E, dim, bias=False)
 
+    def delta(self, dts: Tensor) -> Tensor:
+        """Δ = softplus(dt_proj(dts) + bias) of the four routes, (b, l, 4R) -> (b, l, 4E).
+
+        The routes' projections are one block-diagonal (4E, 4R) matrix, so that Δ comes out laid out as the
+        scan reads it, bias added; a per-route einsum leaves it route-major, at the cost of a full-size copy
+        and a separate add. In float32 under bf16 autocast, as the scan: with a bias near -7 (Δ ~ 1e-3)
+        bfloat16 would be ~3 % off in Δ."""
+        with torch.autocast(dts.device.type, enabled=False):
+            w = torch.block_diag(*self.dt_proj_weight)                       # (4E, 4R)
+            return F.softplus(F.linear(dts.to(w.dtype), w, self.dt_proj_bias.view(-1)))
+
     def forward(self, x: Tensor) -> Tensor:
         """x (b, dim, h, w) -> (b, dim, h, w)."""
         bsz, _, hh, ww = x.shape
@@ -346,14 +363,14 @@ class SS2D(nn.Module):
         cols = x.transpose(1, 2).reshape(bsz, l, E)                           # (b, l, E) column-major
         xs = torch.stack([rows, cols, rows.flip(1), cols.flip(1)], dim=2)     # (b, l, 4, E)
         x_dbl = torch.einsum("blke,kce->blkc", xs, self.x_proj_weight)        # (b, l, 4, R + 2n)
-        dts, Bs, Cs = x_dbl.split([R, n, n], dim=3)                           # Bs, Cs (b, l, 4, n)
-        dts = torch.einsum("blkr,ker->blke", dts, self.dt_proj_weight)        # (b, l, 4, E)
+        dts, Bs, Cs = x_dbl.split([R, n, n], dim=3)                           # (b, l, 4, R), (b, l, 4, n) twice
+        delta = self.delta(dts.reshape(bsz, l, 4 * R))                        # (b, l, 4E)
         # One scan call for all four routes: routes are stacked as channel groups (4E channels, B/C in
         # g = 4 groups), so the chunked scan's sequential loop runs once on tensors four times larger,
         # instead of four times on small ones.
-        ys = selective_scan(xs.view(bsz, l, 4 * E).transpose(1, 2), dts.reshape(bsz, l, 4 * E).transpose(1, 2),
+        ys = selective_scan(xs.view(bsz, l, 4 * E).transpose(1, 2), delta.transpose(1, 2),
                             -torch.exp(self.A_log).view(4 * E, n), Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1),
-                            D=self.D.view(-1), delta_bias=self.dt_proj_bias.view(-1), delta_softplus=True)
+                            D=self.D.view(-1))
         ys = ys.transpose(1, 2).view(bsz, l, 4, E)                            # a view: ys is laid out so already
         # Back to image order: undo the reversal, then the transpose; sum the routes. (unbind, not ys[:, :, k]:
         # its backward is one stack, where each indexing's would be a full-size tensor of zeros.)

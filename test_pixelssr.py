@@ -20,6 +20,7 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -31,6 +32,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import backbones
+import bench
 import data
 import frft
 import pixelssr as P
@@ -557,6 +559,49 @@ def _ss2d(seed: int, dim: int, d_state: int, expand: int) -> SS2D:
     return model
 
 
+def _ss2d_by_routes(m: SS2D, x: torch.Tensor) -> torch.Tensor:
+    """SS2D written out route by route with the sequential scan, as VMamba describes it: the oracle for
+    SS2D's one stacked call (routes as channel groups, one block-diagonal Δ projection)."""
+    b, _, h, w = x.shape
+    u, z = m.in_proj(x.permute(0, 2, 3, 1)).chunk(2, dim=-1)                  # (b, h, w, E) each
+    u = torch.nn.functional.silu(m.conv(u.permute(0, 3, 1, 2)))              # (b, E, h, w)
+    routes = [u.flatten(2), u.transpose(2, 3).flatten(2)]                    # (b, E, l) row-, column-major
+    routes += [r.flip(-1) for r in routes]                                   # and both reversed
+    y = torch.zeros_like(u)
+    for k, seq in enumerate(routes):
+        dt, B, C = (m.x_proj_weight[k] @ seq).split([m.R, m.n, m.n], dim=1)   # (b, R, l), (b, n, l) twice
+        delta = m.dt_proj_weight[k] @ dt                                     # (b, E, l)
+        yk = selective_scan_ref(seq, delta, -torch.exp(m.A_log[k]), B, C, m.D[k], delta_bias=m.dt_proj_bias[k],
+                                delta_softplus=True)
+        yk = yk.flip(-1) if k >= 2 else yk                                   # back to the route's own order
+        y = y + (yk.view(b, m.E, w, h).transpose(2, 3) if k % 2 else yk.view(b, m.E, h, w))
+    return m.out_proj(m.norm(y.permute(0, 2, 3, 1)) * torch.nn.functional.silu(z)).permute(0, 3, 1, 2)
+
+
+@SCAN_SETTINGS
+@given(h=st.integers(1, 6), w=st.integers(1, 6), dim=st.integers(1, 9), d_state=st.integers(1, 4),
+       expand=st.integers(1, 2), seed=st.integers(0, 1000))
+def test_ss2d_is_its_four_routes_scanned_one_by_one(h, w, dim, d_state, expand, seed):
+    model = _ss2d(seed, dim, d_state, expand)
+    x = torch.randn(2, dim, h, w, dtype=torch.float64)
+    _assert_close(model(x), _ss2d_by_routes(model, x), 1e-10)
+
+
+@settings(max_examples=10, deadline=None)
+@given(h=st.integers(1, 6), w=st.integers(1, 6), dim=st.integers(2, 9), d_state=st.integers(1, 4),
+       expand=st.integers(1, 2))
+def test_bench_counts_the_multiply_accumulates_of_ss2d_route_by_route(h, w, dim, d_state, expand):
+    """bench.macs of SS2D is what flop_counter finds in the route-by-route form: the zero blocks of the
+    block-diagonal Δ projection are not counted as work. (dim from 2: an einsum over one channel is a
+    plain product, which flop_counter does not count.)"""
+    model, x = _ss2d(0, dim, d_state, expand), torch.randn(2, dim, h, w, dtype=torch.float64)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        _ss2d_by_routes(model, x)
+    with torch.no_grad():
+        assert bench.macs(lambda: model(x)) == counter.get_total_flops() / 2
+
+
 @SCAN_SETTINGS
 @given(h=st.sampled_from([1, 3, 5, 7]), w=st.sampled_from([1, 3, 5, 7]), dim=st.integers(1, 9),
        d_state=st.integers(1, 4), expand=st.integers(1, 2), seed=st.integers(0, 1000))
@@ -724,15 +769,14 @@ def test_gradient_reaches_every_parameter(config):
 
 def test_model_size_is_within_30_percent_of_the_paper():
     """Table 10: 0.61 M parameters and 4.65 G multiply-accumulates at 128x128 (DESIGN.md allows ±30 %),
-    counted as DESIGN.md says, flop_counter / 2. H2R is a training-only head, outside the inference
-    model the paper measures."""
+    counted as DESIGN.md says, flop_counter / 2, by bench.macs (which leaves out the zero blocks of SS2D's
+    block-diagonal Δ projection). H2R is a training-only head, outside the inference model the paper measures."""
     m = P.DyProMamba().eval()
     params = sum(p.numel() for n, p in m.named_parameters() if not n.startswith("h2r."))
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        m(torch.rand(1, 3, 128, 128), torch.zeros(1, 31, 128, 128))
+    with torch.no_grad():
+        macs = bench.macs(lambda: m(torch.rand(1, 3, 128, 128), torch.zeros(1, 31, 128, 128)))
     assert params == pytest.approx(0.61e6, rel=0.3)
-    assert counter.get_total_flops() / 2 == pytest.approx(4.65e9, rel=0.3)
+    assert macs == pytest.approx(4.65e9, rel=0.3)
 
 
 def _loss_inputs(seed: int = 0):
@@ -1050,6 +1094,18 @@ def test_metrics_match_independent_numpy_computation(h, w, noise, seed):
     for name, value in ref.items():
         got = getattr(P, name)(torch.from_numpy(pred), torch.from_numpy(target)).item()
         assert got == pytest.approx(value, rel=1e-9, abs=1e-9), name
+
+
+@settings(max_examples=10, deadline=None)
+@given(bands_per_block=st.integers(1, 31), seed=st.integers(0, 10**6))
+def test_ssim_taken_a_block_of_bands_at_a_time_is_the_reference_ssim(bands_per_block, seed):
+    rng = np.random.default_rng(seed)
+    target = rng.random((31, 12, 13))
+    pred = np.clip(target + 0.1 * rng.standard_normal((31, 12, 13)), 0, 1)
+    expected = np.mean([_np_ssim_band(a, b) for a, b in zip(pred, target)])
+    with mock.patch.object(P, "SSIM_BLOCK", bands_per_block * 12 * 13):
+        got = P.ssim(torch.from_numpy(pred), torch.from_numpy(target)).item()
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-9)
 
 
 def test_metrics_average_per_image_over_a_batch():
@@ -2109,6 +2165,17 @@ def test_scan_and_frft_keep_float32_under_bf16_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mixed = frft.frft2(z, 0.3, -0.7)
         assert torch.equal(mixed, frft.frft2(z, 0.3, -0.7))
+
+
+def test_ss2d_delta_is_float32_under_bf16_autocast():
+    """SS2D's Δ = softplus(dt_proj(dts) + bias) is its float32 value under CPU bfloat16 autocast: in
+    bfloat16 a bias near -7 (Δ ~ 1e-3) would move Δ by ~3 %, and exp(Δ·A) with it."""
+    torch.manual_seed(0)
+    m = SS2D(8, d_state=2, expand=2)
+    dts = torch.randn(2, 5, 4 * m.R).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = m.delta(dts)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, m.delta(dts.float()))
 
 
 def test_bf16_training_step_runs_the_network_in_bf16_and_the_losses_and_weights_in_float32(monkeypatch):
