@@ -88,6 +88,8 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 # so it is chunked the same way, last chunk first. Memory is what costs most here (a full-size
 # (b, l, d, n) tensor costs more than the arithmetic on it), so autograd is not used: forward keeps the
 # inputs and the state before every `_SUB`-th step (1/_SUB of a full tensor); backward recomputes the rest.
+# Without autograd it keeps no state at all, and the skip D·u goes into y in place: y is then a scan's
+# only full-size allocation (Δ·u too is formed a step at a time).
 # How many chunks: each step's work is a few elementwise ops on one (b, K, d, n) state. Each op costs a
 # fixed ~5 µs plus its size, and is several times cheaper per element while the state stays in the CPU's
 # cache, so on a CPU K is chosen to make that state ~2 MB (the L2 of two cores): at SS2D's shapes
@@ -124,9 +126,9 @@ def _decay(dt: Tensor, A2: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.mul(dt[..., None, :], A2, out=out).exp2_()
 
 
-def _scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, K: int, keep: bool
+def _scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, K: int, keep: bool
                   ) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Chunked forward. u, delta (b, l, d); A (d, n); B, C (b, l, g, n); l a multiple of K.
+    """Chunked forward. u, delta (b, l, d); A (d, n); B, C (b, l, g, n); D (d,) or None; l a multiple of K.
 
     Returns y (b, l, d), last state (b, d, n), and the states before every `_SUB`-th step of each chunk,
     a list of (b, K, g, n, d/g); empty unless `keep` (only the backward needs them).
@@ -164,12 +166,18 @@ def _scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, K: 
         h.mul_(_decay(dt, A2, a)).addcmul_(B_t, dtu)                    # (b, K, g, n, d/g)
         torch.sum(torch.mul(C_t, h, out=prod), -2, out=y[:, :, t])  # (b, K, g, d/g)  Σ_n C·h
     last = h[:, -1].transpose(-1, -2).reshape(b, d, n)          # a copy
-    return y.view(b, l, d), last, kept
+    y = y.view(b, l, d)
+    # the skip D·u, added into y: as y + D·u outside the scan it took another full-size tensor
+    # (an SS2D at 512x512, E = 80: a live peak of 1.7 GB, now 1.4)
+    if D is not None:
+        y.addcmul_(u, D)
+    return y, last, kept
 
 
-def _scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, kept: list[Tensor], dy: Tensor,
-                   dlast: Tensor | None, K: int) -> tuple[Tensor, ...]:
-    """Gradients (du, ddelta, dA, dB, dC) of the chunked scan, in the layout of the forward's inputs.
+def _scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, kept: list[Tensor],
+                   dy: Tensor, dlast: Tensor | None, K: int) -> tuple[Tensor, ...]:
+    """Gradients (du, ddelta, dA, dB, dC, dD) of the chunked scan, in the layout of the forward's inputs
+    (dD None without D).
 
     The states are recomputed from the kept ones `_SUB` steps at a time, so that 2·_SUB per-step tensors
     (b, K, g, n, d/g) — states and decays — are alive at once, not all T.
@@ -223,26 +231,30 @@ def _scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, ke
             ddelta[:, :, t] = q.mul_(A_n).sum(-2)                 # (b, K, g, d/g)
     dA = dA.sum((0, 1)).transpose(-1, -2).reshape(d, n)
     gB = gB.view(b, l, d)                                         # du = Δ·gB, ddelta += u·gB: whole tensors at once
-    return delta * gB, ddelta.view(b, l, d).addcmul_(u, gB), dA, dB.view(B.shape), dC.view(C.shape)
+    du, dD = delta * gB, None
+    if D is not None:                                             # the skip D·u
+        du.addcmul_(dy, D)
+        dD = (dy * u).sum((0, 1))
+    return du, ddelta.view(b, l, d).addcmul_(u, gB), dA, dB.view(B.shape), dC.view(C.shape), dD
 
 
 class _ChunkedScan(torch.autograd.Function):
-    """y, last_state = scan(u, delta, A, B, C) in the internal layout; saves the inputs and the kept states."""
+    """y, last_state = scan(u, delta, A, B, C, D) in the internal layout; saves the inputs and the kept states."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, K: int, keep: bool):
-        y, last, kept = _scan_forward(u, delta, A, B, C, K, keep)
-        ctx.save_for_backward(u, delta, A, B, C, *kept)
+    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, K: int, keep: bool):
+        y, last, kept = _scan_forward(u, delta, A, B, C, D, K, keep)
+        ctx.save_for_backward(u, delta, A, B, C, D, *kept)
         ctx.K = K
         ctx.set_materialize_grads(False)                         # dy or dlast is None when unused
         return y, last
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, dlast: Tensor | None):
-        u, delta, A, B, C, *kept = ctx.saved_tensors
+        u, delta, A, B, C, D, *kept = ctx.saved_tensors
         dy = torch.zeros_like(u) if dy is None else dy.contiguous()
         with torch.autocast(u.device.type, enabled=False):  # in the forward's precision, as selective_scan says
-            return (*_scan_backward(u, delta, A, B, C, kept, dy, dlast, ctx.K), None, None)
+            return (*_scan_backward(u, delta, A, B, C, D, kept, dy, dlast, ctx.K), None, None)
 
 
 def selective_scan_chunks(b: int, d: int, n: int, l: int, device: torch.device) -> int:
@@ -297,11 +309,9 @@ def _selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D
                               for x in (u.transpose(1, 2), delta.transpose(1, 2), B4.permute(0, 3, 1, 2),
                                         C4.permute(0, 3, 1, 2)))
     # the states the backward restarts from, only if there will be one (a 512x512 eval kept 170 MB per scan)
-    keep = torch.is_grad_enabled() and any(x.requires_grad for x in (u_p, delta_p, A, B_p, C_p))
-    y, last = _ChunkedScan.apply(u_p, delta_p, A.contiguous(), B_p, C_p, K, keep)
+    keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (u_p, delta_p, A, B_p, C_p, D))
+    y, last = _ChunkedScan.apply(u_p, delta_p, A.contiguous(), B_p, C_p, D, K, keep)
     y = y[:, :l].transpose(1, 2)                                 # (b, d, l)
-    if D is not None:
-        y = torch.addcmul(y, D[:, None], u)
     if z is not None:
         y = y * F.silu(z)
     return (y, last) if return_last_state else y
@@ -353,30 +363,47 @@ class SS2D(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (b, dim, h, w) -> (b, dim, h, w)."""
-        bsz, _, hh, ww = x.shape
-        E, n, R, l = self.E, self.n, self.R, hh * ww
+        hh, ww = x.shape[-2:]
         x, z = self.in_proj(x.permute(0, 2, 3, 1)).chunk(2, dim=-1)          # (b, h, w, E) each
         x = F.silu(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)     # (b, h, w, E)
-        # Channels last throughout: the scan works in (b, l, channels) layout, so handing it sequences laid
-        # out that way (as transposed views) spares it two layout copies in and one out.
-        rows = x.reshape(bsz, l, E)                                           # (b, l, E) row-major
-        cols = x.transpose(1, 2).reshape(bsz, l, E)                           # (b, l, E) column-major
-        xs = torch.stack([rows, cols, rows.flip(1), cols.flip(1)], dim=2)     # (b, l, 4, E)
+        # Three calls in one expression, so that each one's full-size temporaries go when it returns: at
+        # inference autograd keeps none of them (at 512x512, E = 80, the live peak went 1.9 -> 1.7 GB).
+        y = self.merge(self.scan(self.routes(x)), hh, ww)                    # (b, h, w, E)
+        y = self.norm(y) * F.silu(z)                                          # (b, h, w, E)
+        return self.out_proj(y).permute(0, 3, 1, 2)                           # (b, dim, h, w)
+
+    @staticmethod
+    def routes(x: Tensor) -> Tensor:
+        """(b, h, w, E) -> (b, l, 4, E): the image read row-major, column-major, and both reversed.
+        Channels last throughout: the scan works in (b, l, channels) layout, so handing it sequences laid
+        out that way (as transposed views) spares it two layout copies in and one out."""
+        bsz, hh, ww, E = x.shape
+        rows = x.reshape(bsz, hh * ww, E)                                     # (b, l, E) row-major
+        cols = x.transpose(1, 2).reshape(bsz, hh * ww, E)                     # (b, l, E) column-major
+        return torch.stack([rows, cols, rows.flip(1), cols.flip(1)], dim=2)   # (b, l, 4, E)
+
+    def scan(self, xs: Tensor) -> Tensor:
+        """Each route's selective scan with its own Δ/B/C projections, A and D, (b, l, 4, E) -> (b, l, 4, E).
+        One scan call for all four routes: routes are stacked as channel groups (4E channels, B/C in
+        g = 4 groups), so the chunked scan's sequential loop runs once on tensors four times larger,
+        instead of four times on small ones."""
+        bsz, l, _, E = xs.shape
+        n, R = self.n, self.R
         x_dbl = torch.einsum("blke,kce->blkc", xs, self.x_proj_weight)        # (b, l, 4, R + 2n)
         dts, Bs, Cs = x_dbl.split([R, n, n], dim=3)                           # (b, l, 4, R), (b, l, 4, n) twice
         delta = self.delta(dts.reshape(bsz, l, 4 * R))                        # (b, l, 4E)
-        # One scan call for all four routes: routes are stacked as channel groups (4E channels, B/C in
-        # g = 4 groups), so the chunked scan's sequential loop runs once on tensors four times larger,
-        # instead of four times on small ones.
         ys = selective_scan(xs.view(bsz, l, 4 * E).transpose(1, 2), delta.transpose(1, 2),
                             -torch.exp(self.A_log).view(4 * E, n), Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1),
                             D=self.D.view(-1))
-        ys = ys.transpose(1, 2).view(bsz, l, 4, E)                            # a view: ys is laid out so already
-        # Back to image order: undo the reversal, then the transpose; sum the routes. (unbind, not ys[:, :, k]:
-        # its backward is one stack, where each indexing's would be a full-size tensor of zeros.)
+        return ys.transpose(1, 2).view(bsz, l, 4, E)                          # a view: ys is laid out so already
+
+    @staticmethod
+    def merge(ys: Tensor, hh: int, ww: int) -> Tensor:
+        """(b, l, 4, E) -> (b, h, w, E): each route back to image order (the reversal undone, then the
+        transpose), summed. (unbind, not ys[:, :, k]: its backward is one stack, where each indexing's
+        would be a full-size tensor of zeros.)"""
+        bsz, _, _, E = ys.shape
         y_row, y_col, y_row_rev, y_col_rev = ys.unbind(2)                     # (b, l, E) each
         y_rows = y_row + y_row_rev.flip(1)                                    # (b, l, E) row-major
         y_cols = (y_col + y_col_rev.flip(1)).view(bsz, ww, hh, E).transpose(1, 2)
-        y = y_rows.view(bsz, hh, ww, E) + y_cols                              # (b, h, w, E)
-        y = self.norm(y) * F.silu(z)                                          # (b, h, w, E)
-        return self.out_proj(y).permute(0, 3, 1, 2)                           # (b, dim, h, w)
+        return y_rows.view(bsz, hh, ww, E) + y_cols                           # (b, h, w, E)
