@@ -283,14 +283,14 @@ def bench_model(device: torch.device, batch: int, repeat: int) -> None:
     rgb = torch.rand(1, 3, 128, 128, device=device)
     pts = P.sample_points((1, 31, 128, 128), 1e-4, 2.0, 0.1, device=device)
     with torch.no_grad():
-        macs = macs(lambda: model(rgb, pts))
+        model_macs = macs(lambda: model(rgb, pts))
         z = torch.randn(1, cfg.width, 128, 128, device=device)  # what the Spa-FRFT branch transforms
         frft_macs = macs(lambda: model.drpn.spa.transform(model.drpn.spa.transform(z), inverse=True))
         drpn_macs = macs(lambda: model.drpn(rgb, pts))
     print(f"\nDyPro-Mamba (width {cfg.width}) on {device}")
     print(f"parameters: {(n_all - n_h2r) / 1e6:.3f} M for inference (+{n_h2r / 1e6:.3f} M of the training-only "
           f"H2R of L_P2I); DRPN {n_drpn / 1e6:.3f} M      paper (Table 10): 0.61 M")
-    print(f"FLOPs at 1x3x128x128 (multiply-accumulates, torch.utils.flop_counter / 2): {macs / 1e9:.2f} G, "
+    print(f"FLOPs at 1x3x128x128 (multiply-accumulates, torch.utils.flop_counter / 2): {model_macs / 1e9:.2f} G, "
           f"DRPN {drpn_macs / 1e9:.2f} G, of which the FRFT matrix products {frft_macs / 1e9:.2f} G      paper: 4.65 G\n"
           f"  (flop_counter counts a complex multiply-add as one, a quarter of its real cost, and would not count "
           f"an FFT-based FRFT at all)")

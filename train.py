@@ -110,7 +110,7 @@ def keep_freed_cpu_memory() -> None:
     except (OSError, AttributeError, TypeError):  # no C library of that kind (Windows: TypeError)
         return
     m_trim_threshold, m_mmap_max = -1, -4
-    mallopt(m_trim_threshold, 2**31 - 1)  # never give the heap's top back to the OS
+    mallopt(m_trim_threshold, -1)  # never give the heap's top back to the OS (glibc: -1 disables trimming)
     mallopt(m_mmap_max, 0)  # no block is mmap'd on its own: all come from the heap, and return to it
 
 
@@ -229,7 +229,8 @@ def metrics(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None 
 
     keep: (H, W) bool, the pixels the pixelwise metrics (all but SSIM, means over pixels) are taken over;
     SSIM, a windowed metric, is always of the whole image."""
-    pred, target = pred.double().cpu(), target.double().cpu()
+    # contiguous: a cube read from disk is (H, W, 31) in memory, where the per-band reductions took ~30 % longer
+    pred, target = (x.to("cpu", torch.float64, memory_format=torch.contiguous_format) for x in (pred, target))
     sel = (lambda x: x) if keep is None else (lambda x: x[:, keep.cpu()][:, None])  # (31, 1, n): the kept pixels
     out = {k: float(f(sel(pred), sel(target))) for k, f in PIXEL_METRICS.items()}
     return {**out, "ssim": float(P.ssim(pred, target))}
