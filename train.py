@@ -102,9 +102,12 @@ def keep_freed_cpu_memory() -> None:
     glibc maps each block over 32 MB on its own, so every such tensor was fresh pages again, the kernel
     faulting in and zeroing each 4 kB page: an eval of one 512x512 scene spent more time in the
     kernel (48.6 s) than in PyTorch (44.5 s). Kept, the memory is reused, at the price that the
-    process holds on to its peak. The same fft2 forward also measured 4.5 ms in one process and 18 ms
-    in the next, depending on the allocator's history. (CUDA has its own caching allocator. Without
-    glibc's mallopt, e.g. on macOS or Windows, nothing is done.)"""
+    process holds on to its peak. Never trimmed, either: with the largest finite threshold (2^31 - 1)
+    glibc still gave back the top of the heap whenever 2 GB of it were free, and in bench.py, after
+    a training step, every 512x512 forward faulted its memory in again (12.3-13.2 s against 7.3 s).
+    The same fft2 forward also measured 4.5 ms in one process and 18 ms in the next, depending on the
+    allocator's history. (CUDA has its own caching allocator. Without glibc's mallopt, e.g. on macOS
+    or Windows, nothing is done.)"""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError, TypeError):  # no C library of that kind (Windows: TypeError)
