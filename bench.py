@@ -230,7 +230,7 @@ def bench_frft(device: torch.device) -> None:
 
 def macs(fn) -> float:
     """Multiply-accumulates of fn(): torch.utils.flop_counter's FLOPs / 2, the count papers call FLOPs, less
-    the zero blocks of each SS2D's block-diagonal Δ projection (ssm.SS2D.forward): flop_counter counts the
+    the zero blocks of each SS2D's block-diagonal Δ projection (ssm.SS2D.delta): flop_counter counts the
     whole (4E, 4R) matrix, the model's arithmetic is its four (E, R) blocks."""
     zero_blocks = []
 

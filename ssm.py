@@ -7,6 +7,7 @@ What is here
   replacement for mamba_ssm's `selective_scan_fn` (same arguments, same layout) that runs anywhere.
 - `SS2D`: the 2-D selective scan block of VMamba (Liu et al. 2024): four scan routes over the image.
   In Pixel-SSR it is M_scan of Eq. (4) (DRPN, Sec. 3.2.1) and the SSM of every PromptSSM (Sec. 3.2.2).
+- `ss2d_ref`: SS2D written out route by route with `selective_scan_ref`; its test oracle.
 
 The recurrence, per channel d and state index n (Mamba's discretisation: zero-order hold for A, Euler for B):
     h_t = exp(Δ_t·A) ⊙ h_{t-1} + Δ_t·B_t·u_t          h_{-1} = 0
@@ -330,6 +331,8 @@ class SS2D(nn.Module):
     Each pixel thus sees the whole image: the row-major scan reaches it from every earlier row (and the
     earlier pixels of its own), its reverse from every later one, and the column-major pair likewise by columns.
     Parameters with a leading dimension 4 are per route, in the order above.
+    forward reads as routes (the four orders), scan (their selective scans in one call) and merge (back to
+    image order); `ss2d_ref`, below, is the same block written route by route, the form to read first.
     """
 
     def __init__(self, dim: int, d_state: int = 16, expand: int = 2):
@@ -407,3 +410,23 @@ class SS2D(nn.Module):
         y_rows = y_row + y_row_rev.flip(1)                                    # (b, l, E) row-major
         y_cols = (y_col + y_col_rev.flip(1)).view(bsz, ww, hh, E).transpose(1, 2)
         return y_rows.view(bsz, hh, ww, E) + y_cols                           # (b, h, w, E)
+
+
+def ss2d_ref(block: SS2D, x: Tensor) -> Tensor:
+    """SS2D written out route by route with the sequential scan, as VMamba describes it: what SS2D.forward
+    (routes stacked as channel groups, one block-diagonal Δ projection, one chunked scan) must reproduce.
+    x (b, dim, h, w) -> (b, dim, h, w)."""
+    b, _, h, w = x.shape
+    u, z = block.in_proj(x.permute(0, 2, 3, 1)).chunk(2, dim=-1)            # (b, h, w, E) each
+    u = F.silu(block.conv(u.permute(0, 3, 1, 2)))                           # (b, E, h, w)
+    routes = [u.flatten(2), u.transpose(2, 3).flatten(2)]                   # (b, E, l) row-, column-major
+    routes += [r.flip(-1) for r in routes]                                  # and both reversed
+    y = torch.zeros_like(u)
+    for k, seq in enumerate(routes):
+        dt, B, C = (block.x_proj_weight[k] @ seq).split([block.R, block.n, block.n], dim=1)  # (b, R | n | n, l)
+        delta = block.dt_proj_weight[k] @ dt                                # (b, E, l)
+        yk = selective_scan_ref(seq, delta, -torch.exp(block.A_log[k]), B, C, block.D[k],
+                                delta_bias=block.dt_proj_bias[k], delta_softplus=True)
+        yk = yk.flip(-1) if k >= 2 else yk                                  # back to the route's own order
+        y = y + (yk.view(b, block.E, w, h).transpose(2, 3) if k % 2 else yk.view(b, block.E, h, w))
+    return block.out_proj(block.norm(y.permute(0, 2, 3, 1)) * F.silu(z)).permute(0, 3, 1, 2)

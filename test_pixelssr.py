@@ -38,7 +38,7 @@ import frft
 import pixelssr as P
 import ssm
 import train
-from ssm import SS2D, selective_scan, selective_scan_ref
+from ssm import SS2D, selective_scan, selective_scan_ref, ss2d_ref
 
 
 # ---- FRFT ----
@@ -559,32 +559,13 @@ def _ss2d(seed: int, dim: int, d_state: int, expand: int) -> SS2D:
     return model
 
 
-def _ss2d_by_routes(m: SS2D, x: torch.Tensor) -> torch.Tensor:
-    """SS2D written out route by route with the sequential scan, as VMamba describes it: the oracle for
-    SS2D's one stacked call (routes as channel groups, one block-diagonal Δ projection)."""
-    b, _, h, w = x.shape
-    u, z = m.in_proj(x.permute(0, 2, 3, 1)).chunk(2, dim=-1)                  # (b, h, w, E) each
-    u = torch.nn.functional.silu(m.conv(u.permute(0, 3, 1, 2)))              # (b, E, h, w)
-    routes = [u.flatten(2), u.transpose(2, 3).flatten(2)]                    # (b, E, l) row-, column-major
-    routes += [r.flip(-1) for r in routes]                                   # and both reversed
-    y = torch.zeros_like(u)
-    for k, seq in enumerate(routes):
-        dt, B, C = (m.x_proj_weight[k] @ seq).split([m.R, m.n, m.n], dim=1)   # (b, R, l), (b, n, l) twice
-        delta = m.dt_proj_weight[k] @ dt                                     # (b, E, l)
-        yk = selective_scan_ref(seq, delta, -torch.exp(m.A_log[k]), B, C, m.D[k], delta_bias=m.dt_proj_bias[k],
-                                delta_softplus=True)
-        yk = yk.flip(-1) if k >= 2 else yk                                   # back to the route's own order
-        y = y + (yk.view(b, m.E, w, h).transpose(2, 3) if k % 2 else yk.view(b, m.E, h, w))
-    return m.out_proj(m.norm(y.permute(0, 2, 3, 1)) * torch.nn.functional.silu(z)).permute(0, 3, 1, 2)
-
-
 @SCAN_SETTINGS
 @given(h=st.integers(1, 6), w=st.integers(1, 6), dim=st.integers(1, 9), d_state=st.integers(1, 4),
        expand=st.integers(1, 2), seed=st.integers(0, 1000))
 def test_ss2d_is_its_four_routes_scanned_one_by_one(h, w, dim, d_state, expand, seed):
     model = _ss2d(seed, dim, d_state, expand)
     x = torch.randn(2, dim, h, w, dtype=torch.float64)
-    _assert_close(model(x), _ss2d_by_routes(model, x), 1e-10)
+    _assert_close(model(x), ss2d_ref(model, x), 1e-10)
 
 
 @settings(max_examples=10, deadline=None)
@@ -597,7 +578,7 @@ def test_bench_counts_the_multiply_accumulates_of_ss2d_route_by_route(h, w, dim,
     model, x = _ss2d(0, dim, d_state, expand), torch.randn(2, dim, h, w, dtype=torch.float64)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        _ss2d_by_routes(model, x)
+        ss2d_ref(model, x)
     with torch.no_grad():
         assert bench.macs(lambda: model(x)) == counter.get_total_flops() / 2
 
