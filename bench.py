@@ -28,6 +28,7 @@ import inspect
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -228,10 +229,11 @@ def bench_frft(device: torch.device) -> None:
           f"frft2 takes {both_frft / floor:.2f}× that")
 
 
-def macs(fn) -> float:
-    """Multiply-accumulates of fn(): torch.utils.flop_counter's FLOPs / 2, the count papers call FLOPs, less
-    the zero blocks of each SS2D's block-diagonal Δ projection (ssm.SS2D.delta): flop_counter counts the
-    whole (4E, 4R) matrix, the model's arithmetic is its four (E, R) blocks."""
+def macs(fn: Callable[[], object]) -> float:
+    """Multiply-accumulates of fn(), a forward pass: torch.utils.flop_counter's FLOPs / 2, the count papers
+    call FLOPs, less the zero blocks of each SS2D's block-diagonal Δ projection (ssm.SS2D.delta):
+    flop_counter counts the whole (4E, 4R) matrix, the model's arithmetic is its four (E, R) blocks.
+    (Only forwards are corrected: a backward in fn would count that matrix's two products in full.)"""
     zero_blocks = []
 
     def count(module, args, output):
@@ -258,8 +260,8 @@ def bench_bodies(device: torch.device) -> None:
     inference parameters (no H2R, which only L_P2I uses) and MACs of one 1x3x128x128 forward."""
     rgb = torch.rand(1, 3, 128, 128, device=device)
     pts = P.sample_points((1, 31, 128, 128), 1e-4, 2.0, 0.1, device=device)
-    print(f"\nbodies of the universal paradigm at 1x3x128x128 on {device} (MACs = flop_counter / 2; paper: Table 10, "
-          f"hscnn+ from the MST++ paper's table scaled to 128x128)")
+    print(f"\nbodies of the universal paradigm at 1x3x128x128 on {device} (MACs: bench.macs, flop_counter / 2 less "
+          f"SS2D's zero blocks; paper: Table 10, hscnn+ from the MST++ paper's table scaled to 128x128)")
     print(f"{'body':<8}{'params M':>10}{'MACs G':>9}{'no DRPN: M':>12}{'MACs G':>9}{'paper M':>9}{'paper G':>9}")
     for name in ("dypro", *backbones.BODIES):
         row = []
@@ -290,7 +292,7 @@ def bench_model(device: torch.device, batch: int, repeat: int) -> None:
     print(f"\nDyPro-Mamba (width {cfg.width}) on {device}")
     print(f"parameters: {(n_all - n_h2r) / 1e6:.3f} M for inference (+{n_h2r / 1e6:.3f} M of the training-only "
           f"H2R of L_P2I); DRPN {n_drpn / 1e6:.3f} M      paper (Table 10): 0.61 M")
-    print(f"FLOPs at 1x3x128x128 (multiply-accumulates, torch.utils.flop_counter / 2): {model_macs / 1e9:.2f} G, "
+    print(f"FLOPs at 1x3x128x128 (multiply-accumulates, bench.macs: flop_counter / 2): {model_macs / 1e9:.2f} G, "
           f"DRPN {drpn_macs / 1e9:.2f} G, of which the FRFT matrix products {frft_macs / 1e9:.2f} G      paper: 4.65 G\n"
           f"  (flop_counter counts a complex multiply-add as one, a quarter of its real cost, and would not count "
           f"an FFT-based FRFT at all)")

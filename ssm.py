@@ -89,8 +89,9 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 # so it is chunked the same way, last chunk first. Memory is what costs most here (a full-size
 # (b, l, d, n) tensor costs more than the arithmetic on it), so autograd is not used: forward keeps the
 # inputs and the state before every `_SUB`-th step (1/_SUB of a full tensor); backward recomputes the rest.
-# Without autograd it keeps no state at all, and the skip D·u goes into y in place: y is then a scan's
-# only full-size allocation (Δ·u too is formed a step at a time).
+# Without autograd it keeps no state at all, and the skip D·u goes into y in place: y is then the only
+# full-size tensor the scan allocates when called as SS2D calls it (Δ ready, l a multiple of K, no z),
+# Δ·u too being formed a step at a time.
 # How many chunks: each step's work is a few elementwise ops on one (b, K, d, n) state. Each op costs a
 # fixed ~5 µs plus its size, and is several times cheaper per element while the state stays in the CPU's
 # cache, so on a CPU K is chosen to make that state ~2 MB (the L2 of two cores): at SS2D's shapes
@@ -177,8 +178,8 @@ def _scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
 
 def _scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, kept: list[Tensor],
                    dy: Tensor, dlast: Tensor | None, K: int) -> tuple[Tensor, ...]:
-    """Gradients (du, ddelta, dA, dB, dC, dD) of the chunked scan, in the layout of the forward's inputs
-    (dD None without D).
+    """Gradients (du, ddelta, dA, dB, dC) of the chunked scan, in the layout of the forward's inputs (D's,
+    a sum over b and l, is left to the caller, which knows whether it is wanted).
 
     The states are recomputed from the kept ones `_SUB` steps at a time, so that 2·_SUB per-step tensors
     (b, K, g, n, d/g) — states and decays — are alive at once, not all T.
@@ -232,11 +233,10 @@ def _scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
             ddelta[:, :, t] = q.mul_(A_n).sum(-2)                 # (b, K, g, d/g)
     dA = dA.sum((0, 1)).transpose(-1, -2).reshape(d, n)
     gB = gB.view(b, l, d)                                         # du = Δ·gB, ddelta += u·gB: whole tensors at once
-    du, dD = delta * gB, None
+    du = delta * gB
     if D is not None:                                             # the skip D·u
         du.addcmul_(dy, D)
-        dD = (dy * u).sum((0, 1))
-    return du, ddelta.view(b, l, d).addcmul_(u, gB), dA, dB.view(B.shape), dC.view(C.shape), dD
+    return du, ddelta.view(b, l, d).addcmul_(u, gB), dA, dB.view(B.shape), dC.view(C.shape)
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -255,7 +255,9 @@ class _ChunkedScan(torch.autograd.Function):
         u, delta, A, B, C, D, *kept = ctx.saved_tensors
         dy = torch.zeros_like(u) if dy is None else dy.contiguous()
         with torch.autocast(u.device.type, enabled=False):  # in the forward's precision, as selective_scan says
-            return (*_scan_backward(u, delta, A, B, C, D, kept, dy, dlast, ctx.K), None, None)
+            grads = _scan_backward(u, delta, A, B, C, D, kept, dy, dlast, ctx.K)
+            dD = (dy * u).sum((0, 1)) if ctx.needs_input_grad[5] else None  # a full-size product: only if wanted
+        return (*grads, dD, None, None)
 
 
 def selective_scan_chunks(b: int, d: int, n: int, l: int, device: torch.device) -> int:
@@ -309,7 +311,8 @@ def _selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     u_p, delta_p, B_p, C_p = ((F.pad(x, (0,) * (2 * x.dim() - 3) + (pad,)) if pad else x).contiguous()
                               for x in (u.transpose(1, 2), delta.transpose(1, 2), B4.permute(0, 3, 1, 2),
                                         C4.permute(0, 3, 1, 2)))
-    # the states the backward restarts from, only if there will be one (a 512x512 eval kept 170 MB per scan)
+    # the states the backward restarts from, only if there will be one (at 512x512 they were 170 MB per
+    # scan of the body's first level, E = 80 and n = 8, for nothing)
     keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (u_p, delta_p, A, B_p, C_p, D))
     y, last = _ChunkedScan.apply(u_p, delta_p, A.contiguous(), B_p, C_p, D, K, keep)
     y = y[:, :l].transpose(1, 2)                                 # (b, d, l)
@@ -332,7 +335,7 @@ class SS2D(nn.Module):
     earlier pixels of its own), its reverse from every later one, and the column-major pair likewise by columns.
     Parameters with a leading dimension 4 are per route, in the order above.
     forward reads as routes (the four orders), scan (their selective scans in one call) and merge (back to
-    image order); `ss2d_ref`, below, is the same block written route by route, the form to read first.
+    image order); `ss2d_ref`, after the class, is the same block written route by route with the loop.
     """
 
     def __init__(self, dim: int, d_state: int = 16, expand: int = 2):
@@ -352,17 +355,6 @@ class SS2D(nn.Module):
         self.D = nn.Parameter(torch.ones(4, E))
         self.norm = nn.LayerNorm(E)
         self.out_proj = nn.Linear(E, dim, bias=False)
-
-    def delta(self, dts: Tensor) -> Tensor:
-        """Δ = softplus(dt_proj(dts) + bias) of the four routes, (b, l, 4R) -> (b, l, 4E).
-
-        The routes' projections are one block-diagonal (4E, 4R) matrix, so that Δ comes out laid out as the
-        scan reads it, bias added; a per-route einsum leaves it route-major, at the cost of a full-size copy
-        and a separate add. In float32 under bf16 autocast, as the scan: with a bias near -7 (Δ ~ 1e-3)
-        bfloat16 would be ~3 % off in Δ."""
-        with torch.autocast(dts.device.type, enabled=False):
-            w = torch.block_diag(*self.dt_proj_weight)                       # (4E, 4R)
-            return F.softplus(F.linear(dts.to(w.dtype), w, self.dt_proj_bias.view(-1)))
 
     def forward(self, x: Tensor) -> Tensor:
         """x (b, dim, h, w) -> (b, dim, h, w)."""
@@ -399,6 +391,17 @@ class SS2D(nn.Module):
                             -torch.exp(self.A_log).view(4 * E, n), Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1),
                             D=self.D.view(-1))
         return ys.transpose(1, 2).view(bsz, l, 4, E)                          # a view: ys is laid out so already
+
+    def delta(self, dts: Tensor) -> Tensor:
+        """Δ = softplus(dt_proj(dts) + bias) of the four routes, (b, l, 4R) -> (b, l, 4E).
+
+        The routes' projections are one block-diagonal (4E, 4R) matrix, so that Δ comes out laid out as the
+        scan reads it, bias added; a per-route einsum leaves it route-major, at the cost of a full-size copy
+        and a separate add. In float32 under bf16 autocast, as the scan: with a bias near -7 (Δ ~ 1e-3)
+        bfloat16 would be ~3 % off in Δ."""
+        with torch.autocast(dts.device.type, enabled=False):
+            w = torch.block_diag(*self.dt_proj_weight)                       # (4E, 4R)
+            return F.softplus(F.linear(dts.to(w.dtype), w, self.dt_proj_bias.view(-1)))
 
     @staticmethod
     def merge(ys: Tensor, hh: int, ww: int) -> Tensor:

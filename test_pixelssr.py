@@ -357,6 +357,22 @@ def _scan_with_grads(fn, inputs: dict, softplus: bool, **kwargs):
     return y.detach(), last.detach(), dict(zip(leaves, grads))
 
 
+@pytest.mark.parametrize("only", ["u", "delta", "A", "B", "C", "D", "delta_bias"])
+def test_scan_gradient_of_one_input_alone_is_the_loops(only):
+    """With one input alone requiring a gradient (a model frozen but for one parameter) the chunked scan
+    still keeps the states its backward restarts from, and that gradient is the loop's."""
+    case = dict(seed=0, b=2, dg=3, g=2, grouped=True, n=4, l=37, chunk=8, dtype=torch.float64, softplus=True,
+                D=True, z=False, delta_bias=True)
+    inputs = _scan_inputs(case)
+    w = torch.randn(2, 6, 37, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = []
+    for fn, kw in ((selective_scan, {"chunk_size": 8}), (selective_scan_ref, {})):
+        leaves = {k: v.detach().requires_grad_(k == only) for k, v in inputs.items() if v is not None}
+        (grad,) = torch.autograd.grad((fn(**leaves, delta_softplus=True, **kw) * w).sum(), leaves[only])
+        grads.append(grad)
+    _assert_close(grads[0], grads[1], 1e-10)
+
+
 def _assert_same_scan(actual: tuple, expected: tuple, rtol: float) -> None:
     """Two `_scan_with_grads` results agree: y, last state and every gradient, each at its own scale,
     except the parameters summed over b and l (A, D, delta_bias). Such a sum may nearly cancel, far below
@@ -1080,12 +1096,14 @@ def test_metrics_match_independent_numpy_computation(h, w, noise, seed):
 @settings(max_examples=10, deadline=None)
 @given(bands_per_block=st.integers(1, 31), seed=st.integers(0, 10**6))
 def test_ssim_taken_a_block_of_bands_at_a_time_is_the_reference_ssim(bands_per_block, seed):
+    """Two images, each given as a cube read from disk is laid out, (H, W, 31) permuted to (31, H, W)."""
     rng = np.random.default_rng(seed)
-    target = rng.random((31, 12, 13))
-    pred = np.clip(target + 0.1 * rng.standard_normal((31, 12, 13)), 0, 1)
-    expected = np.mean([_np_ssim_band(a, b) for a, b in zip(pred, target)])
-    with mock.patch.object(P, "SSIM_BLOCK", bands_per_block * 12 * 13):
-        got = P.ssim(torch.from_numpy(pred), torch.from_numpy(target)).item()
+    target = rng.random((2, 12, 13, 31))
+    pred = np.clip(target + 0.1 * rng.standard_normal((2, 12, 13, 31)), 0, 1)
+    expected = np.mean([_np_ssim_band(a, b) for p, t in zip(pred, target) for a, b in zip(p.transpose(2, 0, 1),
+                                                                                          t.transpose(2, 0, 1))])
+    with mock.patch.object(P, "SSIM_BLOCK", bands_per_block * 2 * 12 * 13):
+        got = P.ssim(*(torch.from_numpy(x).permute(0, 3, 1, 2) for x in (pred, target))).item()
     assert got == pytest.approx(expected, rel=1e-9, abs=1e-9)
 
 
@@ -2157,6 +2175,11 @@ def test_ss2d_delta_is_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = m.delta(dts)
     assert mixed.dtype == torch.float32 and torch.equal(mixed, m.delta(dts.float()))
+    seen = []  # and it is this Δ that the block's forward hands the scan
+    with mock.patch.object(ssm, "selective_scan", lambda u, delta, *a, **k: seen.append(delta.dtype) or u), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        m(torch.randn(1, 8, 3, 4))
+    assert seen == [torch.float32]
 
 
 def test_bf16_training_step_runs_the_network_in_bf16_and_the_losses_and_weights_in_float32(monkeypatch):
