@@ -585,7 +585,7 @@ def sam(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Te
     division finite and the cosine 0). Computed in float64: near cos = 1, acos of a float32 cosine
     cannot resolve angles below ~0.02 degrees."""
     p, t = _batched(pred.double(), target.double())
-    pn, tn = p.norm(dim=1), t.norm(dim=1)
+    pn, tn = (p * p).sum(1).sqrt(), (t * t).sum(1).sqrt()  # not .norm(dim=1): 4x as slow over bands
     cos = torch.where((pn == 0) & (tn == 0), 1.0, (p * t).sum(1) / (pn * tn).clamp_min(eps))
     return torch.rad2deg(torch.acos(cos.clamp(-1, 1))).mean().to(pred.dtype)
 
