@@ -145,6 +145,7 @@ def _scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     # The loops below update preallocated tensors in place: a fresh ~1 MB tensor per step would cost
     # more than the arithmetic (the allocator hands such blocks back to the OS, and every reuse page-faults).
     # Δ·u too is taken a step at a time: as one tensor it would be another full-size (b, l, d) temporary.
+    # (Passes (1) and (3) both form it, one small product per step more; the scan's forward time did not move.)
     h = A2.new_zeros(b, K, g, n, dg)                                   # the state
     a, prod = torch.empty_like(h), torch.empty_like(h)                 # its decay; a product before its sum
     dtu = u.new_empty(b, K, g, 1, dg)                                  # Δ_t·u_t
