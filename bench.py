@@ -19,8 +19,9 @@ Sections:
   model  DyPro-Mamba's parameters and FLOPs (torch.utils.flop_counter; multiply-accumulates, as the
          paper counts them), forward and forward+backward per 128x128 patch, a training step
          (train.train_step) at batch 8 of 128x128 in float32 (and bf16 autocast on CUDA) with its
-         time split (scan forward / backward, convolutions, the rest), and whole-image inference on
-         a 512x512 scene: the network alone, and train.eval_scene (the network and the metrics).
+         time split (scan forward / backward, convolutions, the rest);
+  scene  whole-image inference on a 512x512 scene: the network alone, and train.eval_scene (the network
+         and the metrics), the times `train.py eval` of a CAVE scene is measured against.
 """
 
 import argparse
@@ -232,14 +233,18 @@ def bench_frft(device: torch.device) -> None:
 def macs(fn: Callable[[], object]) -> float:
     """Multiply-accumulates of fn(), a forward pass: torch.utils.flop_counter's FLOPs / 2, the count papers
     call FLOPs, less the zero blocks of each SS2D's block-diagonal Δ projection (ssm.SS2D.delta):
-    flop_counter counts the whole (4E, 4R) matrix, the model's arithmetic is its four (E, R) blocks.
-    (Only forwards are corrected: a backward in fn would count that matrix's two products in full.)"""
+    flop_counter counts the whole (kE, kR) matrix of k routes scanned together, the model's arithmetic is
+    its k (E, R) blocks. (Only forwards are corrected: a backward in fn would count that matrix's two
+    products in full.)"""
     zero_blocks = []
 
     def count(module, args, output):
         if isinstance(module, SS2D):
             b, _, h, w = args[0].shape
-            zero_blocks.append(b * h * w * 12 * module.E * module.R)  # 16ER per pixel counted, 4ER done
+            # SS2D.forward: with autograd the four routes together, 16ER per pixel counted, 4ER done;
+            # without, two pairs of routes, 2 x 4ER counted
+            zero = 12 if torch.is_grad_enabled() else 4
+            zero_blocks.append(b * h * w * zero * module.E * module.R)
 
     hook = torch.nn.modules.module.register_module_forward_hook(count)
     try:
@@ -274,8 +279,8 @@ def bench_bodies(device: torch.device) -> None:
 
 
 def bench_model(device: torch.device, batch: int, repeat: int) -> None:
-    """DyPro-Mamba: size, FLOPs, forward / forward+backward per 128x128 patch, training steps at `batch`
-    patches of 128x128, and whole-image inference at 512x512 (a CAVE scene)."""
+    """DyPro-Mamba: size, FLOPs, forward / forward+backward per 128x128 patch, and training steps at `batch`
+    patches of 128x128."""
     torch.manual_seed(0)
     cfg = P.Config()
     model = P.DyProMamba(cfg).to(device)
@@ -326,9 +331,17 @@ def bench_model(device: torch.device, batch: int, repeat: int) -> None:
         print(f"  one profiled step, {total:.2f} s: " + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f} %)"
                                                                 for k, v in parts.items()))
 
-    model.to(memory_format=torch.contiguous_format).eval()  # as eval runs it
+
+
+def bench_scene(device: torch.device, repeat: int) -> None:
+    """Whole-image inference on a 512x512 scene (a CAVE scene's size), as eval runs it: the network alone,
+    and train.eval_scene (the network, then the metrics)."""
+    torch.manual_seed(0)
+    model = P.DyProMamba(P.Config()).to(device).eval()
+    srf = torch.from_numpy(data.srf_matrix())
     rgb5 = torch.rand(1, 3, 512, 512, device=device)
     pts5 = P.sample_points((1, 31, 512, 512), 1e-4, 2.0, 0.1, device=device)
+    print(f"\nwhole-image inference, DyPro-Mamba on {device}")
     with torch.no_grad():  # best of `repeat`, as the eval below: timed once, it varied 8.5-12.9 s on a 2-core CPU
         t5 = _timed(lambda: model(rgb5, pts5), device, repeat)
     print(f"inference of one whole 512x512 scene, the network alone: {t5:.2f} s (best of {repeat})")
@@ -364,7 +377,7 @@ def _step_split(step, device: torch.device) -> tuple[float, dict[str, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sections = ["scan", "chunks", "frft", "bodies", "model"]
+    sections = ["scan", "chunks", "frft", "bodies", "model", "scene"]
     ap.add_argument("--only", nargs="*", default=sections, choices=sections)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -380,7 +393,7 @@ def main() -> None:
     print(f"pixelssr bench on {name}, torch {torch.__version__}")
     run = {"scan": lambda: bench_scan(device), "chunks": lambda: bench_chunks(device, args.batch, args.repeat),
            "frft": lambda: bench_frft(device), "bodies": lambda: bench_bodies(device),
-           "model": lambda: bench_model(device, args.batch, args.repeat)}
+           "model": lambda: bench_model(device, args.batch, args.repeat), "scene": lambda: bench_scene(device, args.repeat)}
     for s in args.only:
         run[s]()
 

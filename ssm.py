@@ -335,8 +335,10 @@ class SS2D(nn.Module):
     Each pixel thus sees the whole image: the row-major scan reaches it from every earlier row (and the
     earlier pixels of its own), its reverse from every later one, and the column-major pair likewise by columns.
     Parameters with a leading dimension 4 are per route, in the order above.
-    forward reads as routes (the four orders), scan (their selective scans in one call) and merge (back to
-    image order); `ss2d_ref`, after the class, is the same block written route by route with the loop.
+    With autograd (training) forward reads as routes (the four orders), scan (their selective scans in one
+    call) and merge (back to image order); without it (inference), as two pairs, each a route and its
+    reverse scanned together. `ss2d_ref`, after the class, is the same block written route by route with
+    the loop.
     """
 
     def __init__(self, dim: int, d_state: int = 16, expand: int = 2):
@@ -360,12 +362,23 @@ class SS2D(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x (b, dim, h, w) -> (b, dim, h, w)."""
         hh, ww = x.shape[-2:]
-        x, z = self.in_proj(x.permute(0, 2, 3, 1)).chunk(2, dim=-1)          # (b, h, w, E) each
-        x = F.silu(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)     # (b, h, w, E)
-        # Three calls in one expression, so that each one's full-size temporaries go when it returns: at
-        # inference autograd keeps none of them (at 512x512, E = 80, the live peak went 1.9 -> 1.7 GB).
-        y = self.merge(self.scan(self.routes(x)), hh, ww)                    # (b, h, w, E)
-        y = self.norm(y) * F.silu(z)                                          # (b, h, w, E)
+        inp = x.permute(0, 2, 3, 1)                                           # (b, h, w, dim)
+        w_x, w_z = self.in_proj.weight.chunk(2)                               # in_proj to x and to the gate z
+        x = F.silu(self.conv(F.linear(inp, w_x).permute(0, 3, 1, 2))).permute(0, 2, 3, 1)   # (b, h, w, E)
+        if torch.is_grad_enabled():
+            # Training: the four routes in one scan call, so that its sequential loop runs once (a GPU
+            # launches each step's kernels once for all four).
+            y = self.merge(self.scan(self.routes(x)), hh, ww)                # (b, h, w, E)
+        else:
+            # Inference, which autograd keeps nothing of: a route and its reverse at a time, rows then
+            # columns (the column-major routes are the row-major ones of the transposed image). The scan's
+            # full-size tensors are half as large (eval at 512x512: peak RSS 2.7-3.2 -> X GB), at the
+            # same CPU time: on a CPU a scan step's state is ~2 MB either way (selective_scan_chunks).
+            # (A GPU launches the scan's kernels twice; not measured, no GPU was at hand.)
+            y = self.pair(x, (0, 2)) + self.pair(x.transpose(1, 2), (1, 3)).transpose(1, 2)
+        # z projected only where it gates, so that the scans do not hold it (at inference, 84 MB at 512x512
+        # and E = 80; as one 2E-channel output with x, twice that)
+        y = self.norm(y) * F.silu(F.linear(inp, w_z))                         # (b, h, w, E)
         return self.out_proj(y).permute(0, 3, 1, 2)                           # (b, dim, h, w)
 
     @staticmethod
@@ -378,31 +391,40 @@ class SS2D(nn.Module):
         cols = x.transpose(1, 2).reshape(bsz, hh * ww, E)                     # (b, l, E) column-major
         return torch.stack([rows, cols, rows.flip(1), cols.flip(1)], dim=2)   # (b, l, 4, E)
 
-    def scan(self, xs: Tensor) -> Tensor:
-        """Each route's selective scan with its own Δ/B/C projections, A and D, (b, l, 4, E) -> (b, l, 4, E).
-        One scan call for all four routes: routes are stacked as channel groups (4E channels, B/C in
-        g = 4 groups), so the chunked scan's sequential loop runs once on tensors four times larger,
-        instead of four times on small ones."""
-        bsz, l, _, E = xs.shape
-        n, R = self.n, self.R
-        x_dbl = torch.einsum("blke,kce->blkc", xs, self.x_proj_weight)        # (b, l, 4, R + 2n)
-        dts, Bs, Cs = x_dbl.split([R, n, n], dim=3)                           # (b, l, 4, R), (b, l, 4, n) twice
-        delta = self.delta(dts.reshape(bsz, l, 4 * R))                        # (b, l, 4E)
-        ys = selective_scan(xs.view(bsz, l, 4 * E).transpose(1, 2), delta.transpose(1, 2),
-                            -torch.exp(self.A_log).view(4 * E, n), Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1),
-                            D=self.D.view(-1))
-        return ys.transpose(1, 2).view(bsz, l, 4, E)                          # a view: ys is laid out so already
+    def pair(self, x: Tensor, routes: tuple[int, int]) -> Tensor:
+        """Inference's half of SS2D: x read row-major, forward with the first route's parameters and reversed
+        with the second's, scanned together and put back in image order and summed, (b, h, w, E) -> (b, h, w, E)."""
+        bsz, hh, ww, E = x.shape
+        rows = x.reshape(bsz, hh * ww, E)                                     # (b, l, E)
+        y, y_rev = self.scan(torch.stack([rows, rows.flip(1)], dim=2), routes).unbind(2)
+        return (y + y_rev.flip(1)).view(bsz, hh, ww, E)
 
-    def delta(self, dts: Tensor) -> Tensor:
-        """Δ = softplus(dt_proj(dts) + bias) of the four routes, (b, l, 4R) -> (b, l, 4E).
+    def scan(self, xs: Tensor, routes: tuple[int, ...] = (0, 1, 2, 3)) -> Tensor:
+        """Each route's selective scan with its own Δ/B/C projections, A and D, (b, l, k, E) -> (b, l, k, E)
+        for the k routes named (indices into the per-route parameters).
+        One scan call for all of them: routes are stacked as channel groups (kE channels, B/C in g = k
+        groups), so the chunked scan's sequential loop runs once on tensors k times larger, instead of k
+        times on small ones."""
+        bsz, l, k, E = xs.shape
+        n, R, r = self.n, self.R, list(routes)
+        x_dbl = torch.einsum("blke,kce->blkc", xs, self.x_proj_weight[r])     # (b, l, k, R + 2n)
+        dts, Bs, Cs = x_dbl.split([R, n, n], dim=3)                           # (b, l, k, R), (b, l, k, n) twice
+        delta = self.delta(dts.reshape(bsz, l, k * R), r)                     # (b, l, kE)
+        ys = selective_scan(xs.view(bsz, l, k * E).transpose(1, 2), delta.transpose(1, 2),
+                            -torch.exp(self.A_log[r]).view(k * E, n), Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1),
+                            D=self.D[r].view(-1))
+        return ys.transpose(1, 2).view(bsz, l, k, E)                          # a view: ys is laid out so already
 
-        The routes' projections are one block-diagonal (4E, 4R) matrix, so that Δ comes out laid out as the
+    def delta(self, dts: Tensor, routes: list[int]) -> Tensor:
+        """Δ = softplus(dt_proj(dts) + bias) of the k routes named, (b, l, kR) -> (b, l, kE).
+
+        The routes' projections are one block-diagonal (kE, kR) matrix, so that Δ comes out laid out as the
         scan reads it, bias added; a per-route einsum leaves it route-major, at the cost of a full-size copy
         and a separate add. In float32 under bf16 autocast, as the scan: with a bias near -7 (Δ ~ 1e-3)
         bfloat16 would be ~3 % off in Δ."""
         with torch.autocast(dts.device.type, enabled=False):
-            w = torch.block_diag(*self.dt_proj_weight)                       # (4E, 4R)
-            return F.softplus(F.linear(dts.to(w.dtype), w, self.dt_proj_bias.view(-1)))
+            w = torch.block_diag(*self.dt_proj_weight[routes])               # (kE, kR)
+            return F.softplus(F.linear(dts.to(w.dtype), w, self.dt_proj_bias[routes].view(-1)))
 
     @staticmethod
     def merge(ys: Tensor, hh: int, ww: int) -> Tensor:

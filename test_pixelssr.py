@@ -579,23 +579,28 @@ def _ss2d(seed: int, dim: int, d_state: int, expand: int) -> SS2D:
 @given(h=st.integers(1, 6), w=st.integers(1, 6), dim=st.integers(1, 9), d_state=st.integers(1, 4),
        expand=st.integers(1, 2), seed=st.integers(0, 1000))
 def test_ss2d_is_its_four_routes_scanned_one_by_one(h, w, dim, d_state, expand, seed):
+    """Both ways SS2D runs: the four routes in one scan (with autograd) and a pair at a time (without)."""
     model = _ss2d(seed, dim, d_state, expand)
     x = torch.randn(2, dim, h, w, dtype=torch.float64)
-    _assert_close(model(x), ss2d_ref(model, x), 1e-10)
+    with torch.no_grad():
+        reference, paired = ss2d_ref(model, x), model(x)
+    _assert_close(model(x), reference, 1e-10)
+    _assert_close(paired, reference, 1e-10)
 
 
 @settings(max_examples=10, deadline=None)
 @given(h=st.integers(1, 6), w=st.integers(1, 6), dim=st.integers(2, 9), d_state=st.integers(1, 4),
-       expand=st.integers(1, 2))
-def test_bench_counts_the_multiply_accumulates_of_ss2d_route_by_route(h, w, dim, d_state, expand):
+       expand=st.integers(1, 2), grad=st.booleans())
+def test_bench_counts_the_multiply_accumulates_of_ss2d_route_by_route(h, w, dim, d_state, expand, grad):
     """bench.macs of SS2D is what flop_counter finds in the route-by-route form: the zero blocks of the
-    block-diagonal Δ projection are not counted as work. (dim from 2: an einsum over one channel is a
-    plain product, which flop_counter does not count.)"""
+    block-diagonal Δ projection are not counted as work, whether the routes go four at once (with
+    autograd) or in pairs (without). (dim from 2: an einsum over one channel is a plain product, which
+    flop_counter does not count.)"""
     model, x = _ss2d(0, dim, d_state, expand), torch.randn(2, dim, h, w, dtype=torch.float64)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        ss2d_ref(model, x)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
+        with counter:
+            ss2d_ref(model, x)
         assert bench.macs(lambda: model(x)) == counter.get_total_flops() / 2
 
 
@@ -1082,11 +1087,15 @@ def _np_metrics(pred: np.ndarray, target: np.ndarray) -> dict:
 
 
 @settings(max_examples=10, deadline=None)
-@given(h=st.integers(11, 24), w=st.integers(11, 24), noise=st.floats(0.01, 0.3), seed=st.integers(0, 10**6))
-def test_metrics_match_independent_numpy_computation(h, w, noise, seed):
+@given(h=st.integers(11, 24), w=st.integers(11, 24), noise=st.floats(0.01, 0.3), seed=st.integers(0, 10**6),
+       leaves=st.sampled_from(["below 0", "above 1", "both ways"]))
+def test_metrics_match_independent_numpy_computation(h, w, noise, seed, leaves):
+    """pred leaves [0, 1] below, above or both: the clamp is tested too, each side alone (it is skipped when
+    nothing is out of range)."""
     rng = np.random.default_rng(seed)
     target = rng.random((31, h, w))
-    pred = target + noise * rng.standard_normal((31, h, w))  # goes outside [0, 1]: the clamp is tested too
+    pred = target + noise * rng.standard_normal((31, h, w))
+    pred = {"below 0": np.minimum(pred, 1), "above 1": np.maximum(pred, 0), "both ways": pred}[leaves]
     ref = _np_metrics(pred, target)
     for name, value in ref.items():
         got = getattr(P, name)(torch.from_numpy(pred), torch.from_numpy(target)).item()
@@ -2173,8 +2182,8 @@ def test_ss2d_delta_is_float32_under_bf16_autocast():
     m = SS2D(8, d_state=2, expand=2)
     dts = torch.randn(2, 5, 4 * m.R).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = m.delta(dts)
-    assert mixed.dtype == torch.float32 and torch.equal(mixed, m.delta(dts.float()))
+        mixed = m.delta(dts, [0, 1, 2, 3])
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, m.delta(dts.float(), [0, 1, 2, 3]))
     seen = []  # and it is this Δ that the block's forward hands the scan
     with mock.patch.object(ssm, "selective_scan", lambda u, delta, *a, **k: seen.append(delta.dtype) or u), \
             torch.autocast("cpu", dtype=torch.bfloat16):

@@ -224,6 +224,13 @@ def reconstruct(model: P.DyProMamba, rgb: torch.Tensor, points: torch.Tensor, ti
     return out / weight
 
 
+def as_float64(x: torch.Tensor) -> torch.Tensor:
+    """x as the metrics take it: float64 on the CPU, contiguous (a cube read from disk is (H, W, 31) in
+    memory, where the per-band reductions took ~30 % longer). A no-op on a tensor already so: a truth
+    converted once serves every metric of the network's and the baseline's outputs."""
+    return x.to("cpu", torch.float64, memory_format=torch.contiguous_format)
+
+
 PIXEL_METRICS = {"rmse": P.rmse, "psnr": P.psnr, "psnr_bandwise": P.psnr_bandwise, "sam": P.sam, "mrae": P.mrae}
 
 
@@ -232,8 +239,7 @@ def metrics(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None 
 
     keep: (H, W) bool, the pixels the pixelwise metrics (all but SSIM, means over pixels) are taken over;
     SSIM, a windowed metric, is always of the whole image."""
-    # contiguous: a cube read from disk is (H, W, 31) in memory, where the per-band reductions took ~30 % longer
-    pred, target = (x.to("cpu", torch.float64, memory_format=torch.contiguous_format) for x in (pred, target))
+    pred, target = as_float64(pred), as_float64(target)
     sel = (lambda x: x) if keep is None else (lambda x: x[:, keep.cpu()][:, None])  # (31, 1, n): the kept pixels
     out = {k: float(f(sel(pred), sel(target))) for k, f in PIXEL_METRICS.items()}
     return {**out, "ssim": float(P.ssim(pred, target))}
@@ -242,7 +248,7 @@ def metrics(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None 
 def band_stats(raw: torch.Tensor, target: torch.Tensor) -> dict[str, list[float]]:
     """Per band of one (31, H, W) image: the RMSE of the clamped output and the mean of the raw one.
     A mean PSNR hides a dead or inverted band; these do not."""
-    raw, target = raw.double().cpu(), target.double().cpu()
+    raw, target = as_float64(raw), as_float64(target)
     return {"band_rmse": ((raw.clamp(0, 1) - target) ** 2).mean((1, 2)).sqrt().tolist(),
             "band_raw_mean": raw.mean((1, 2)).tolist()}
 
@@ -265,7 +271,7 @@ def eval_scene(model, hsi: np.ndarray, srf: torch.Tensor, ratio: float, gamma: t
     rgb = data.rgb_from_hsi(target[None], srf)[0]
     pts = P.sample_points((1, *target.shape), ratio, *gamma, generator=seeded(seed), dist=points)[0]
     raw = reconstruct(model, rgb, pts, tile).cpu()
-    pred = raw.clamp(0, 1)
+    pred, target = raw.clamp(0, 1), as_float64(target)
     return pred, metrics(pred, target), band_stats(raw, target)
 
 
@@ -366,7 +372,7 @@ def calibration_scores(runs: list, hsi: np.ndarray, srf: torch.Tensor, k: int, s
     coords = np.stack(np.divmod(np.sort(np.random.default_rng(seed).choice(h * w, k, replace=False)), w), 1)
     spectra = hsi[coords[:, 0], coords[:, 1]]
     target = torch.from_numpy(hsi).permute(2, 0, 1)
-    rgb = data.rgb_from_hsi(target[None], srf)[0]
+    rgb, target = data.rgb_from_hsi(target[None], srf)[0], as_float64(target)
     keep = torch.ones(h, w, dtype=torch.bool)
     keep[coords[:, 0], coords[:, 1]] = False
     scores = {"all": [], "unmeasured": [], "uncorrected_unmeasured": []}
@@ -936,7 +942,7 @@ def evaluate(args) -> dict:
               "scenes": {}}
     by_scene, baseline_all, calibrated = [], [], []
     for name, hsi in load_scenes(args.data, names).items():
-        target = torch.from_numpy(hsi).permute(2, 0, 1)
+        target = as_float64(torch.from_numpy(hsi).permute(2, 0, 1))  # (31, H, W)
         runs = [eval_scene(model, hsi, srf, cfg.label_ratio, gamma, points, s, args.tile) for s in range(args.seeds)]
         write_outputs(out / name, runs[0][0], srf, target, args.envi)
         entry = summarise([m for _, m, _ in runs])
