@@ -869,7 +869,8 @@ def write_outputs(out: Path, pred: torch.Tensor, srf: torch.Tensor, target: torc
     """Cube (.npy, .mat, and with envi ENVI .hdr + .img), RGB preview, and for a known target: per-pixel
     RMSE map and spectral curves."""
     out.mkdir(parents=True, exist_ok=True)
-    cube = pred.permute(1, 2, 0).numpy()  # (H, W, 31), the on-disk layout
+    # (H, W, 31), the on-disk layout, made so once: np.save of the permuted view took 110 ms, of a copy 7 ms
+    cube = np.ascontiguousarray(pred.permute(1, 2, 0).numpy())
     data.save_cube(out / "cube", cube)
     if envi:
         data.save_envi(out / "cube", cube)
