@@ -301,7 +301,8 @@ class SpaPrompt(nn.Module):
     def forward(self, f1: torch.Tensor) -> torch.Tensor:
         f_spa = self.scan_spa(f1)  # Eq. (4), F_Spa
         z = self.transform(f1)  # (b, c, h, w) complex
-        z = self.scan_frft(torch.cat([z.real, z.imag], 1))  # (b, 2c, h, w), real
+        z = torch.cat([z.real, z.imag], 1)  # (b, 2c, h, w): a line of its own, so the complex z is gone before the scan
+        z = self.scan_frft(z)  # (b, 2c, h, w), real
         z = z.to(torch.promote_types(z.dtype, torch.float32))  # bfloat16 under autocast; torch.complex takes none
         f_frft = self.transform(torch.complex(*z.chunk(2, 1)), inverse=True).real  # Eq. (4), F_FRFT
         return self.fuse(torch.cat([f_spa, f_frft], 1)) * F.silu(f1)  # Eq. (4), P_spa
