@@ -393,7 +393,8 @@ def main() -> None:
     print(f"pixelssr bench on {name}, torch {torch.__version__}")
     run = {"scan": lambda: bench_scan(device), "chunks": lambda: bench_chunks(device, args.batch, args.repeat),
            "frft": lambda: bench_frft(device), "bodies": lambda: bench_bodies(device),
-           "model": lambda: bench_model(device, args.batch, args.repeat), "scene": lambda: bench_scene(device, args.repeat)}
+           "model": lambda: bench_model(device, args.batch, args.repeat),
+           "scene": lambda: bench_scene(device, args.repeat)}
     for s in args.only:
         run[s]()
 

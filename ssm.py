@@ -372,8 +372,8 @@ class SS2D(nn.Module):
         else:
             # Inference, which autograd keeps nothing of: a route and its reverse at a time, rows then
             # columns (the column-major routes are the row-major ones of the transposed image). The scan's
-            # full-size tensors are half as large (eval at 512x512: peak RSS 2.7-3.2 -> X GB), at the
-            # same CPU time: on a CPU a scan step's state is ~2 MB either way (selective_scan_chunks).
+            # full-size tensors are half as large (with z below: eval of a 512x512 scene, peak RSS 2.8-3.4 ->
+            # 2.4-2.6 GB), at the same CPU time: on a CPU a scan step's state is ~2 MB either way.
             # (A GPU launches the scan's kernels twice; not measured, no GPU was at hand.)
             y = self.pair(x, (0, 2)) + self.pair(x.transpose(1, 2), (1, 3)).transpose(1, 2)
         # z projected only where it gates, so that the scans do not hold it (at inference, 84 MB at 512x512
