@@ -241,9 +241,8 @@ def macs(fn: Callable[[], object]) -> float:
     def count(module, args, output):
         if isinstance(module, SS2D):
             b, _, h, w = args[0].shape
-            # SS2D.forward: with autograd the four routes together, 16ER per pixel counted, 4ER done;
-            # without, two pairs of routes, 2 x 4ER counted
-            zero = 12 if torch.is_grad_enabled() else 4
+            # all four routes in one call: 16ER per pixel counted, 4ER done; SS2D.paired: 2 x 4ER counted
+            zero = 4 if SS2D.paired(args[0]) else 12
             zero_blocks.append(b * h * w * zero * module.E * module.R)
 
     hook = torch.nn.modules.module.register_module_forward_hook(count)
@@ -330,7 +329,6 @@ def bench_model(device: torch.device, batch: int, repeat: int) -> None:
         total, parts = _step_split(step, device)
         print(f"  one profiled step, {total:.2f} s: " + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f} %)"
                                                                 for k, v in parts.items()))
-
 
 
 def bench_scene(device: torch.device, repeat: int) -> None:

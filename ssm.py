@@ -335,10 +335,9 @@ class SS2D(nn.Module):
     Each pixel thus sees the whole image: the row-major scan reaches it from every earlier row (and the
     earlier pixels of its own), its reverse from every later one, and the column-major pair likewise by columns.
     Parameters with a leading dimension 4 are per route, in the order above.
-    With autograd (training) forward reads as routes (the four orders), scan (their selective scans in one
-    call) and merge (back to image order); without it (inference), as two pairs, each a route and its
-    reverse scanned together. `ss2d_ref`, after the class, is the same block written route by route with
-    the loop.
+    forward reads as routes (the four orders), scan (their selective scans in one call) and merge (back to
+    image order); at inference on a CPU (`paired`), as two pairs, each a route and its reverse scanned
+    together. `ss2d_ref`, after the class, is the same block written route by route with the loop.
     """
 
     def __init__(self, dim: int, d_state: int = 16, expand: int = 2):
@@ -363,23 +362,27 @@ class SS2D(nn.Module):
         """x (b, dim, h, w) -> (b, dim, h, w)."""
         hh, ww = x.shape[-2:]
         inp = x.permute(0, 2, 3, 1)                                           # (b, h, w, dim)
-        w_x, w_z = self.in_proj.weight.chunk(2)                               # in_proj to x and to the gate z
+        # in_proj's two halves applied apart (it has no bias), so that z is made only where it gates and the
+        # scans do not hold it: at inference 84 MB at 512x512 and E = 80, twice that as one 2E-channel output
+        w_x, w_z = self.in_proj.weight.chunk(2)                               # (E, dim) each
         x = F.silu(self.conv(F.linear(inp, w_x).permute(0, 3, 1, 2))).permute(0, 2, 3, 1)   # (b, h, w, E)
-        if torch.is_grad_enabled():
-            # Training: the four routes in one scan call, so that its sequential loop runs once (a GPU
-            # launches each step's kernels once for all four).
-            y = self.merge(self.scan(self.routes(x)), hh, ww)                # (b, h, w, E)
-        else:
-            # Inference, which autograd keeps nothing of: a route and its reverse at a time, rows then
-            # columns (the column-major routes are the row-major ones of the transposed image). The scan's
-            # full-size tensors are half as large (with z below: eval of a 512x512 scene, peak RSS 2.8-3.4 ->
-            # 2.4-2.6 GB), at the same CPU time: on a CPU a scan step's state is ~2 MB either way.
-            # (A GPU launches the scan's kernels twice; not measured, no GPU was at hand.)
+        if self.paired(x):
+            # a route and its reverse at a time, rows then columns (the column-major routes are the
+            # row-major ones of the transposed image)
             y = self.pair(x, (0, 2)) + self.pair(x.transpose(1, 2), (1, 3)).transpose(1, 2)
-        # z projected only where it gates, so that the scans do not hold it (at inference, 84 MB at 512x512
-        # and E = 80; as one 2E-channel output with x, twice that)
+        else:
+            y = self.merge(self.scan(self.routes(x)), hh, ww)                # (b, h, w, E)
         y = self.norm(y) * F.silu(F.linear(inp, w_z))                         # (b, h, w, E)
         return self.out_proj(y).permute(0, 3, 1, 2)                           # (b, dim, h, w)
+
+    @staticmethod
+    def paired(x: Tensor) -> bool:
+        """Whether forward scans the routes two at a time (two scan calls) rather than all four in one.
+        Only at inference on a CPU, where autograd keeps none of the scan's full-size tensors, so pairs
+        halve them (with z made late: eval of a 512x512 scene, peak RSS 2.8-3.4 -> 2.3-2.6 GB), and cost no
+        time: a CPU scan's step count is set by its ~2 MB state (selective_scan_chunks), not by the number
+        of routes. On a GPU the step count is set by l, so two calls would launch twice the kernels."""
+        return not torch.is_grad_enabled() and x.device.type == "cpu"
 
     @staticmethod
     def routes(x: Tensor) -> Tensor:
@@ -392,7 +395,7 @@ class SS2D(nn.Module):
         return torch.stack([rows, cols, rows.flip(1), cols.flip(1)], dim=2)   # (b, l, 4, E)
 
     def pair(self, x: Tensor, routes: tuple[int, int]) -> Tensor:
-        """Inference's half of SS2D: x read row-major, forward with the first route's parameters and reversed
+        """Half of a `paired` SS2D: x read row-major, forward with the first route's parameters and reversed
         with the second's, scanned together and put back in image order and summed, (b, h, w, E) -> (b, h, w, E)."""
         bsz, hh, ww, E = x.shape
         rows = x.reshape(bsz, hh * ww, E)                                     # (b, l, E)
@@ -409,13 +412,13 @@ class SS2D(nn.Module):
         n, R, r = self.n, self.R, list(routes)
         x_dbl = torch.einsum("blke,kce->blkc", xs, self.x_proj_weight[r])     # (b, l, k, R + 2n)
         dts, Bs, Cs = x_dbl.split([R, n, n], dim=3)                           # (b, l, k, R), (b, l, k, n) twice
-        delta = self.delta(dts.reshape(bsz, l, k * R), r)                     # (b, l, kE)
+        delta = self.delta(dts.reshape(bsz, l, k * R), routes)                # (b, l, kE)
         ys = selective_scan(xs.view(bsz, l, k * E).transpose(1, 2), delta.transpose(1, 2),
                             -torch.exp(self.A_log[r]).view(k * E, n), Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1),
                             D=self.D[r].view(-1))
         return ys.transpose(1, 2).view(bsz, l, k, E)                          # a view: ys is laid out so already
 
-    def delta(self, dts: Tensor, routes: list[int]) -> Tensor:
+    def delta(self, dts: Tensor, routes: tuple[int, ...]) -> Tensor:
         """Δ = softplus(dt_proj(dts) + bias) of the k routes named, (b, l, kR) -> (b, l, kE).
 
         The routes' projections are one block-diagonal (kE, kR) matrix, so that Δ comes out laid out as the
@@ -423,8 +426,9 @@ class SS2D(nn.Module):
         and a separate add. In float32 under bf16 autocast, as the scan: with a bias near -7 (Δ ~ 1e-3)
         bfloat16 would be ~3 % off in Δ."""
         with torch.autocast(dts.device.type, enabled=False):
-            w = torch.block_diag(*self.dt_proj_weight[routes])               # (kE, kR)
-            return F.softplus(F.linear(dts.to(w.dtype), w, self.dt_proj_bias[routes].view(-1)))
+            r = list(routes)
+            w = torch.block_diag(*self.dt_proj_weight[r])                    # (kE, kR)
+            return F.softplus(F.linear(dts.to(w.dtype), w, self.dt_proj_bias[r].view(-1)))
 
     @staticmethod
     def merge(ys: Tensor, hh: int, ww: int) -> Tensor:
@@ -440,7 +444,8 @@ class SS2D(nn.Module):
 
 def ss2d_ref(block: SS2D, x: Tensor) -> Tensor:
     """SS2D written out route by route with the sequential scan, as VMamba describes it: what SS2D.forward
-    (routes stacked as channel groups, one block-diagonal Δ projection, one chunked scan) must reproduce.
+    (routes stacked as channel groups, a block-diagonal Δ projection and a chunked scan per call, one call
+    or, `paired`, two) must reproduce.
     x (b, dim, h, w) -> (b, dim, h, w)."""
     b, _, h, w = x.shape
     u, z = block.in_proj(x.permute(0, 2, 3, 1)).chunk(2, dim=-1)            # (b, h, w, E) each

@@ -579,19 +579,31 @@ def _ss2d(seed: int, dim: int, d_state: int, expand: int) -> SS2D:
 @given(h=st.integers(1, 6), w=st.integers(1, 6), dim=st.integers(1, 9), d_state=st.integers(1, 4),
        expand=st.integers(1, 2), seed=st.integers(0, 1000))
 def test_ss2d_is_its_four_routes_scanned_one_by_one(h, w, dim, d_state, expand, seed):
-    """Both ways SS2D runs: the four routes in one scan (with autograd) and a pair at a time (without)."""
+    """With autograd, as training runs it: the four routes in one scan."""
     model = _ss2d(seed, dim, d_state, expand)
     x = torch.randn(2, dim, h, w, dtype=torch.float64)
     with torch.no_grad():
-        reference, paired = ss2d_ref(model, x), model(x)
+        reference = ss2d_ref(model, x)
     _assert_close(model(x), reference, 1e-10)
-    _assert_close(paired, reference, 1e-10)
 
 
+@SCAN_SETTINGS
+@given(h=st.integers(1, 6), w=st.integers(1, 6), dim=st.integers(1, 9), d_state=st.integers(1, 4),
+       expand=st.integers(1, 2), seed=st.integers(0, 1000))
+def test_ss2d_at_inference_on_a_cpu_is_its_routes_scanned_a_pair_at_a_time(h, w, dim, d_state, expand, seed):
+    """Without autograd on a CPU (SS2D.paired): a route and its reverse per scan, the same block."""
+    model = _ss2d(seed, dim, d_state, expand)
+    x = torch.randn(2, dim, h, w, dtype=torch.float64)
+    with torch.no_grad():
+        assert SS2D.paired(x)
+        _assert_close(model(x), ss2d_ref(model, x), 1e-10)
+
+
+@pytest.mark.parametrize("grad", [True, False])
 @settings(max_examples=10, deadline=None)
 @given(h=st.integers(1, 6), w=st.integers(1, 6), dim=st.integers(2, 9), d_state=st.integers(1, 4),
-       expand=st.integers(1, 2), grad=st.booleans())
-def test_bench_counts_the_multiply_accumulates_of_ss2d_route_by_route(h, w, dim, d_state, expand, grad):
+       expand=st.integers(1, 2))
+def test_bench_counts_the_multiply_accumulates_of_ss2d_route_by_route(grad, h, w, dim, d_state, expand):
     """bench.macs of SS2D is what flop_counter finds in the route-by-route form: the zero blocks of the
     block-diagonal Δ projection are not counted as work, whether the routes go four at once (with
     autograd) or in pairs (without). (dim from 2: an einsum over one channel is a plain product, which
@@ -1086,16 +1098,17 @@ def _np_metrics(pred: np.ndarray, target: np.ndarray) -> dict:
             "mrae": float(np.mean(np.abs(p - t) / np.maximum(t, 1e-3)))}  # the stated guard: max(t, 1e-3)
 
 
+@pytest.mark.parametrize("leaves", ["below 0", "above 1", "both ways", "nowhere"])
 @settings(max_examples=10, deadline=None)
-@given(h=st.integers(11, 24), w=st.integers(11, 24), noise=st.floats(0.01, 0.3), seed=st.integers(0, 10**6),
-       leaves=st.sampled_from(["below 0", "above 1", "both ways"]))
-def test_metrics_match_independent_numpy_computation(h, w, noise, seed, leaves):
-    """pred leaves [0, 1] below, above or both: the clamp is tested too, each side alone (it is skipped when
-    nothing is out of range)."""
+@given(h=st.integers(11, 24), w=st.integers(11, 24), noise=st.floats(0.01, 0.3), seed=st.integers(0, 10**6))
+def test_metrics_match_independent_numpy_computation(leaves, h, w, noise, seed):
+    """pred leaves [0, 1] below, above, both ways or nowhere: the clamp is tested too, each side alone
+    (it is skipped when nothing is out of range)."""
     rng = np.random.default_rng(seed)
     target = rng.random((31, h, w))
     pred = target + noise * rng.standard_normal((31, h, w))
-    pred = {"below 0": np.minimum(pred, 1), "above 1": np.maximum(pred, 0), "both ways": pred}[leaves]
+    pred = {"below 0": np.minimum(pred, 1), "above 1": np.maximum(pred, 0), "both ways": pred,
+            "nowhere": np.clip(pred, 0, 1)}[leaves]
     ref = _np_metrics(pred, target)
     for name, value in ref.items():
         got = getattr(P, name)(torch.from_numpy(pred), torch.from_numpy(target)).item()
@@ -1247,6 +1260,21 @@ def test_data_band_sizes_differ_error(tmp_path):
     outer = _data_band_folder(tmp_path)
     Image.fromarray(np.zeros((7, 5), np.uint16)).save(outer / "tiny_ms" / "tiny_ms_09.png")
     assert "tiny_ms_09.png" in _data_error(outer)
+
+
+@pytest.mark.parametrize("first", ["unreadable", "wrong size"])
+def test_data_names_the_first_bad_band_of_several(tmp_path, first):
+    """The bands are decoded on threads; the error still names the lowest-numbered band with a problem."""
+    inner = _data_band_folder(tmp_path) / "tiny_ms"
+    if first == "unreadable":
+        bad = inner / "tiny_ms_05.png"
+        bad.write_bytes(bad.read_bytes()[:20])
+    else:
+        Image.fromarray(np.zeros((7, 5), np.uint16)).save(inner / "tiny_ms_05.png")
+    late = inner / "tiny_ms_20.png"
+    late.write_bytes(late.read_bytes()[:20])
+    msg = _data_error(inner.parent)
+    assert "tiny_ms_05.png" in msg and "tiny_ms_20.png" not in msg
 
 
 def test_data_rgba_band_takes_first_channel(tmp_path):

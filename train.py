@@ -226,8 +226,8 @@ def reconstruct(model: P.DyProMamba, rgb: torch.Tensor, points: torch.Tensor, ti
 
 def as_float64(x: torch.Tensor) -> torch.Tensor:
     """x as the metrics take it: float64 on the CPU, contiguous (a cube read from disk is (H, W, 31) in
-    memory, where the per-band reductions took ~30 % longer). A no-op on a tensor already so: a truth
-    converted once serves every metric of the network's and the baseline's outputs."""
+    memory, where the per-band reductions took ~30 % longer). A no-op on a tensor already so, which
+    lets the callers convert a truth once for all the metrics they take of it."""
     return x.to("cpu", torch.float64, memory_format=torch.contiguous_format)
 
 
@@ -943,14 +943,14 @@ def evaluate(args) -> dict:
               "scenes": {}}
     by_scene, baseline_all, calibrated = [], [], []
     for name, hsi in load_scenes(args.data, names).items():
-        target = as_float64(torch.from_numpy(hsi).permute(2, 0, 1))  # (31, H, W)
         runs = [eval_scene(model, hsi, srf, cfg.label_ratio, gamma, points, s, args.tile) for s in range(args.seeds)]
+        target = as_float64(torch.from_numpy(hsi).permute(2, 0, 1))  # (31, H, W); after the network's peak
         write_outputs(out / name, runs[0][0], srf, target, args.envi)
         entry = summarise([m for _, m, _ in runs])
         print(f"{name}: " + ", ".join(f"{k} {v['mean']:.4f}±{v['std']:.4f}" for k, v in entry.items()))
         # per band, mean over the seeds
         entry["bands"] = {k: np.mean([b[k] for _, _, b in runs], 0).tolist() for k in runs[0][2]}
-        entry["bands"]["true_mean"] = target.double().mean((1, 2)).tolist()
+        entry["bands"]["true_mean"] = target.mean((1, 2)).tolist()
         for line in band_warnings(name, entry["bands"]):
             print(line)
         if baseline is not None:
