@@ -379,7 +379,7 @@ class SS2D(nn.Module):
     def paired(x: Tensor) -> bool:
         """Whether forward scans the routes two at a time (two scan calls) rather than all four in one.
         Only at inference on a CPU, where autograd keeps none of the scan's full-size tensors, so pairs
-        halve them (with z made late: eval of a 512x512 scene, peak RSS 2.8-3.4 -> 2.3-2.6 GB), and cost no
+        halve them (with z made late: eval of a 512x512 scene, peak RSS 2.8-3.4 -> 2.0-2.6 GB), and cost no
         time: a CPU scan's step count is set by its ~2 MB state (selective_scan_chunks), not by the number
         of routes. On a GPU the step count is set by l, so two calls would launch twice the kernels."""
         return not torch.is_grad_enabled() and x.device.type == "cpu"
