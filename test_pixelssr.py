@@ -575,28 +575,20 @@ def _ss2d(seed: int, dim: int, d_state: int, expand: int) -> SS2D:
     return model
 
 
+@pytest.mark.parametrize("grad", [True, False])
 @SCAN_SETTINGS
 @given(h=st.integers(1, 6), w=st.integers(1, 6), dim=st.integers(1, 9), d_state=st.integers(1, 4),
        expand=st.integers(1, 2), seed=st.integers(0, 1000))
-def test_ss2d_is_its_four_routes_scanned_one_by_one(h, w, dim, d_state, expand, seed):
-    """With autograd, as training runs it: the four routes in one scan."""
+def test_ss2d_is_its_four_routes_scanned_one_by_one(grad, h, w, dim, d_state, expand, seed):
+    """Both ways SS2D runs: with autograd (training) the four routes in one scan; without it on a CPU
+    (SS2D.paired) a route and its reverse per scan."""
     model = _ss2d(seed, dim, d_state, expand)
     x = torch.randn(2, dim, h, w, dtype=torch.float64)
     with torch.no_grad():
         reference = ss2d_ref(model, x)
-    _assert_close(model(x), reference, 1e-10)
-
-
-@SCAN_SETTINGS
-@given(h=st.integers(1, 6), w=st.integers(1, 6), dim=st.integers(1, 9), d_state=st.integers(1, 4),
-       expand=st.integers(1, 2), seed=st.integers(0, 1000))
-def test_ss2d_at_inference_on_a_cpu_is_its_routes_scanned_a_pair_at_a_time(h, w, dim, d_state, expand, seed):
-    """Without autograd on a CPU (SS2D.paired): a route and its reverse per scan, the same block."""
-    model = _ss2d(seed, dim, d_state, expand)
-    x = torch.randn(2, dim, h, w, dtype=torch.float64)
-    with torch.no_grad():
-        assert SS2D.paired(x)
-        _assert_close(model(x), ss2d_ref(model, x), 1e-10)
+    with torch.set_grad_enabled(grad):
+        assert SS2D.paired(x) is not grad
+        _assert_close(model(x), reference, 1e-10)
 
 
 @pytest.mark.parametrize("grad", [True, False])
