@@ -326,6 +326,11 @@ def _selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D
 # SS2D: four scan routes over an image (VMamba)
 # ----------------------------------------------------------------------------------------------------
 
+# Routes by index, in the order of the per-route parameters: 0 row-major, 1 column-major, 2 and 3 those reversed.
+ALL_ROUTES = slice(None)
+ROW_PAIR, COL_PAIR = slice(0, 4, 2), slice(1, 4, 2)        # routes 0 and 2, 1 and 3: an order and its reverse
+
+
 class SS2D(nn.Module):
     """2-D selective scan block, (b, dim, h, w) -> (b, dim, h, w).
 
@@ -369,7 +374,7 @@ class SS2D(nn.Module):
         if self.paired(x):
             # a route and its reverse at a time, rows then columns (the column-major routes are the
             # row-major ones of the transposed image)
-            y = self.pair(x, (0, 2)) + self.pair(x.transpose(1, 2), (1, 3)).transpose(1, 2)
+            y = self.pair(x, ROW_PAIR) + self.pair(x.transpose(1, 2), COL_PAIR).transpose(1, 2)
         else:
             y = self.merge(self.scan(self.routes(x)), hh, ww)                # (b, h, w, E)
         y = self.norm(y) * F.silu(F.linear(inp, w_z))                         # (b, h, w, E)
@@ -394,7 +399,7 @@ class SS2D(nn.Module):
         cols = x.transpose(1, 2).reshape(bsz, hh * ww, E)                     # (b, l, E) column-major
         return torch.stack([rows, cols, rows.flip(1), cols.flip(1)], dim=2)   # (b, l, 4, E)
 
-    def pair(self, x: Tensor, routes: tuple[int, int]) -> Tensor:
+    def pair(self, x: Tensor, routes: slice) -> Tensor:
         """Half of a `paired` SS2D: x read row-major, forward with the first route's parameters and reversed
         with the second's, scanned together and put back in image order and summed, (b, h, w, E) -> (b, h, w, E)."""
         bsz, hh, ww, E = x.shape
@@ -402,23 +407,23 @@ class SS2D(nn.Module):
         y, y_rev = self.scan(torch.stack([rows, rows.flip(1)], dim=2), routes).unbind(2)
         return (y + y_rev.flip(1)).view(bsz, hh, ww, E)
 
-    def scan(self, xs: Tensor, routes: tuple[int, ...] = (0, 1, 2, 3)) -> Tensor:
+    def scan(self, xs: Tensor, routes: slice = ALL_ROUTES) -> Tensor:
         """Each route's selective scan with its own Δ/B/C projections, A and D, (b, l, k, E) -> (b, l, k, E)
-        for the k routes named (indices into the per-route parameters).
+        for the k routes named (a slice of the per-route parameters: a view, so training indexes nothing).
         One scan call for all of them: routes are stacked as channel groups (kE channels, B/C in g = k
         groups), so the chunked scan's sequential loop runs once on tensors k times larger, instead of k
         times on small ones."""
         bsz, l, k, E = xs.shape
-        n, R, r = self.n, self.R, list(routes)
-        x_dbl = torch.einsum("blke,kce->blkc", xs, self.x_proj_weight[r])     # (b, l, k, R + 2n)
+        n, R = self.n, self.R
+        x_dbl = torch.einsum("blke,kce->blkc", xs, self.x_proj_weight[routes])  # (b, l, k, R + 2n)
         dts, Bs, Cs = x_dbl.split([R, n, n], dim=3)                           # (b, l, k, R), (b, l, k, n) twice
         delta = self.delta(dts.reshape(bsz, l, k * R), routes)                # (b, l, kE)
         ys = selective_scan(xs.view(bsz, l, k * E).transpose(1, 2), delta.transpose(1, 2),
-                            -torch.exp(self.A_log[r]).view(k * E, n), Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1),
-                            D=self.D[r].view(-1))
+                            -torch.exp(self.A_log[routes]).reshape(k * E, n), Bs.permute(0, 2, 3, 1),
+                            Cs.permute(0, 2, 3, 1), D=self.D[routes].reshape(-1))
         return ys.transpose(1, 2).view(bsz, l, k, E)                          # a view: ys is laid out so already
 
-    def delta(self, dts: Tensor, routes: tuple[int, ...]) -> Tensor:
+    def delta(self, dts: Tensor, routes: slice = ALL_ROUTES) -> Tensor:
         """Δ = softplus(dt_proj(dts) + bias) of the k routes named, (b, l, kR) -> (b, l, kE).
 
         The routes' projections are one block-diagonal (kE, kR) matrix, so that Δ comes out laid out as the
@@ -426,9 +431,8 @@ class SS2D(nn.Module):
         and a separate add. In float32 under bf16 autocast, as the scan: with a bias near -7 (Δ ~ 1e-3)
         bfloat16 would be ~3 % off in Δ."""
         with torch.autocast(dts.device.type, enabled=False):
-            r = list(routes)
-            w = torch.block_diag(*self.dt_proj_weight[r])                    # (kE, kR)
-            return F.softplus(F.linear(dts.to(w.dtype), w, self.dt_proj_bias[r].view(-1)))
+            w = torch.block_diag(*self.dt_proj_weight[routes])               # (kE, kR)
+            return F.softplus(F.linear(dts.to(w.dtype), w, self.dt_proj_bias[routes].reshape(-1)))
 
     @staticmethod
     def merge(ys: Tensor, hh: int, ww: int) -> Tensor:
