@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelssr import FFN, Config, LayerNorm2d, channel_attention
+from pixelssr import FFN, Config, DyProMamba, LayerNorm2d, PromptSSMU, channel_attention
 
 
 def _no_prompts(cfg: Config) -> list[tuple[int, int, int]]:
@@ -177,7 +177,15 @@ class HSCNNPlus(nn.Module):
         return self.out(self.blocks(self.stem(torch.cat([rgb, y3], 1))))
 
 
-BODIES = {"mst++": MSTPlusPlus, "hscnn+": HSCNNPlus}
+# cfg.backbone -> the body class that pixelssr.DyProMamba(cfg, body=...) builds (--backbone, Table 2)
+BODIES = {"dypro": PromptSSMU, "mst++": MSTPlusPlus, "hscnn+": HSCNNPlus}
 # the bodies' own parameter counts in their papers (MST++: its Table 1; HSCNN+: the MST++ paper's table at
 # its 30 blocks), published for RGB input: checked by the tests, printed by bench.py
 PAPER_PARAMS = {"mst++": 1.62e6, "hscnn+": 4.65e6}
+
+
+def network(cfg: Config) -> DyProMamba:
+    """The whole network of a configuration: the DRPN, the body cfg.backbone names, the output layer."""
+    if cfg.backbone not in BODIES:
+        raise ValueError(f"unknown backbone {cfg.backbone!r}: use one of {', '.join(BODIES)}")
+    return DyProMamba(cfg, body=BODIES[cfg.backbone])

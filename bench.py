@@ -267,11 +267,11 @@ def bench_bodies(device: torch.device) -> None:
     print(f"\nbodies of the universal paradigm at 1x3x128x128 on {device} (MACs: bench.macs, flop_counter / 2 less "
           f"SS2D's zero blocks; paper: Table 10, hscnn+ from the MST++ paper's table scaled to 128x128)")
     print(f"{'body':<8}{'params M':>10}{'MACs G':>9}{'no DRPN: M':>12}{'MACs G':>9}{'paper M':>9}{'paper G':>9}")
-    for name in ("dypro", *backbones.BODIES):
+    for name in backbones.BODIES:
         row = []
         for use_drpn in (True, False):
             torch.manual_seed(0)
-            model = P.DyProMamba(P.Config(backbone=name, use_drpn=use_drpn, h2r=False)).to(device).eval()
+            model = backbones.network(P.Config(backbone=name, use_drpn=use_drpn, h2r=False)).to(device).eval()
             with torch.no_grad():
                 row += [sum(p.numel() for p in model.parameters()) / 1e6, macs(lambda: model(rgb, pts)) / 1e9]
         print(f"{name:<8}{row[0]:>10.3f}{row[1]:>9.2f}{row[2]:>12.3f}{row[3]:>9.2f}{TABLE_10[name][0]:>9.2f}{TABLE_10[name][1]:>9.2f}")

@@ -63,8 +63,8 @@ class Config:
     use_drpn: bool = True           # the whole DRPN (Table 4, row 4): off = the body gets the point cube as Y3, no P_spe
     spa_transform: str = "frft"     # "frft" or "fft": the transform of the P_spa branch (Table 5)
     points: str = "gamma"           # "gamma", "gaussian" or "zeros": the input point spectra (Table 3)
-    # the body in Fig. 3's dotted box (Table 2, the universal paradigm): "dypro", the paper's U of PromptSSMs
-    # (PromptSSMU below), or one of backbones.BODIES ("mst++", "hscnn+"), fed the same DRPN output
+    # the name of the body in Fig. 3's dotted box (Table 2, the universal paradigm), a key of backbones.BODIES:
+    # "dypro", the paper's U of PromptSSMs (PromptSSMU below), "mst++" or "hscnn+", fed the same DRPN output
     backbone: str = "dypro"
     h2r: bool = True                # build M_H2R, the training-only head of L_P2I; train.py turns it off with that term
     # the output layer (see DyProMamba.head): "abs" = |conv3(.)|, non-negative as spectra are, yet never
@@ -75,6 +75,11 @@ class Config:
     # fitted on the run's labelled pixels (a (6, 31) buffer, saved with the weights), g a per-band gate
     # that starts at zero, so training starts at the classical baseline; "none": the paper's network alone
     prior: str = "none"
+    # MAE-KTSR's body only (backbone "maektsr", maektsr.py; not Pixel-SSR's): its Inter-Stage Feature Fusion on or
+    # off (--no-isff), and which of the pre-trained S2-MAE encoder's weights train: "all" frozen (the default),
+    # "none" frozen, or all but the "last" block frozen (--mae-freeze)
+    isff: bool = True
+    mae_freeze: str = "all"
 
 
 # -----------------------------------------------------------------------------
@@ -99,10 +104,15 @@ def fit_gamma(values: np.ndarray | torch.Tensor) -> tuple[float, float]:
     return mean * mean / var, var / mean
 
 
+UNSUPERVISED_POINTS = 1e-4  # omega = 0 (unsupervised) still feeds the network a sparse cube, at the 0.01 % count
+
+
 def num_points(h: int, w: int, ratio: float) -> int:
-    """Number of point spectra in an h x w image: max(1, floor(ratio.h.w)); ratio 0 uses 0.01 %."""
-    ratio = ratio if ratio > 0 else 1e-4  # the unsupervised mode still feeds the network its sparse input
-    return max(1, math.floor(ratio * h * w + 1e-9))  # + 1e-9: 0.0001 * 10000 must give 1, not 0
+    """max(1, floor(omega.H.W)), Eq. (2): the labelled pixels of an h x w scene (labels.draw_label_set) and the
+    point spectra of its cube (sample_points). 0 at omega = 0, the unsupervised mode; 1 labels every pixel."""
+    if not 0 <= ratio <= 1:
+        raise ValueError(f"label ratio must be in [0, 1], got {ratio}")
+    return 0 if ratio == 0 else max(1, math.floor(ratio * h * w + 1e-9))  # + 1e-9: 0.29 * 100 must give 29
 
 
 def sample_points(shape: tuple[int, int, int, int], ratio: float, alpha: float, theta: float,
@@ -110,15 +120,15 @@ def sample_points(shape: tuple[int, int, int, int], ratio: float, alpha: float, 
                   device: torch.device | str | None = None) -> torch.Tensor:
     """The sparse point-spectra cube Y_g^p = Y_g (x) M of Eq. (2).
 
-    shape: (b, bands, h, w). Each image gets num_points(h, w, ratio) distinct random pixels whose
-    spectra are i.i.d. draws: Gamma(alpha, theta) ("gamma"), a Gaussian of the same mean and variance
+    shape: (b, bands, h, w). Each image gets num_points(h, w, ratio or UNSUPERVISED_POINTS) distinct random
+    pixels whose spectra are i.i.d. draws: Gamma(alpha, theta) ("gamma"), a Gaussian of the same mean and variance
     ("gaussian", the paper's ablation; it can go negative, which is the point of the comparison),
     or nothing ("zeros"). Everything else is zero. Returns a float32 tensor of `shape`.
     The draws come from `generator` when given (evaluation fixes it by seed), else from torch's global RNG;
     it must be a CPU generator, since the cube is drawn on the CPU and then moved to `device`.
     """
     b, bands, h, w = shape
-    k = num_points(h, w, ratio)
+    k = num_points(h, w, ratio or UNSUPERVISED_POINTS)
     out = torch.zeros(b, bands, h * w)
     if dist != "zeros":
         # torch's Gamma sampler takes no generator, so numpy draws the values from a seed taken from ours
@@ -136,10 +146,13 @@ def sample_points(shape: tuple[int, int, int, int], ratio: float, alpha: float, 
     return out.view(b, bands, h, w).to(device)
 
 
-def root_poly_features(rgb: torch.Tensor, dim: int = -1) -> torch.Tensor:
+def root_poly_features(rgb: torch.Tensor | np.ndarray, dim: int = -1) -> torch.Tensor | np.ndarray:
     """Degree-2 root-polynomial terms of RGB (Finlayson, Mackiewicz, Hurlbert 2015): r, g, b, sqrt(rg),
-    sqrt(gb), sqrt(rb), stacked along `dim` (3 channels in, 6 out, any layout). They scale linearly with
-    exposure, which is why a linear map of them is the classical RGB-to-spectrum baseline."""
+    sqrt(gb), sqrt(rb), stacked along `dim` (3 channels in, 6 out, any layout; a numpy array in, one out).
+    They scale linearly with exposure, which is why a linear map of them is the classical RGB-to-spectrum
+    baseline (evaluate.fit_root_poly)."""
+    if isinstance(rgb, np.ndarray):
+        return root_poly_features(torch.from_numpy(rgb), dim).numpy()
     r, g, b = rgb.clamp_min(0).unbind(dim)
     # sqrt's gradient is infinite at 0; the features of a black pixel need none
     root = [torch.sqrt((u * v).clamp_min(1e-12)) * (u * v > 0) for u, v in ((r, g), (g, b), (r, b))]
@@ -396,18 +409,15 @@ class DyProMamba(nn.Module):
     without it) the body's Y3 is the point cube itself, and that is what comes back as y3.
     """
 
-    def __init__(self, cfg: Config | None = None):
+    def __init__(self, cfg: Config | None = None, body: type[nn.Module] = PromptSSMU):
+        """body: the class in Fig. 3's dotted box (the universal paradigm, Table 2), built here as body(cfg):
+        PromptSSMU, the paper's, or any other with its interface (backbones.BODIES maps cfg.backbone to one)."""
         super().__init__()
         cfg = Config() if cfg is None else cfg  # a fresh default each time: a shared one would be mutable state
         self.cfg = cfg
         nb = cfg.bands
-        from backbones import BODIES  # here, not at the top: backbones.py builds on this file's blocks
-        bodies = {"dypro": PromptSSMU, **BODIES}
-        if cfg.backbone not in bodies:
-            raise ValueError(f"unknown backbone {cfg.backbone!r}: use one of {', '.join(bodies)}")
         if cfg.output not in ("abs", "linear") or cfg.prior not in ("none", "rootpoly"):
             raise ValueError(f"output must be abs or linear and prior none or rootpoly, got {cfg.output!r}, {cfg.prior!r}")
-        body = bodies[cfg.backbone]
         self.drpn = DRPN(cfg, body.prompt_shapes(cfg)) if cfg.use_drpn else None
         self.body = body(cfg)
         # M_H2R of L_P2I, training only; it maps Y3 to RGB, so without the DRPN there is nothing for it to constrain

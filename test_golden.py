@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cameras
 import data
 import train
 
@@ -103,9 +104,9 @@ def golden_real(tmp_path_factory, one_thread):
     assert train.main(["eval", "--ckpt", str(run / "last.pt"), "--out", str(tmp / "eval"), "--seeds", "2",
                        "--calib-points", "5", "--device", "cpu"]) == 0
     sushi = np.load(root / "fake_and_real_sushi.npy")
-    Image.fromarray(_srgb8(data.linear_srgb(sushi))).save(tmp / "photo.png")
+    Image.fromarray(_srgb8(cameras.linear_srgb(sushi))).save(tmp / "photo.png")
     with open(tmp / "points.csv", "w") as f:
-        f.write("row,col," + ",".join(f"{nm}nm" for nm in data.WAVELENGTHS) + "\n")
+        f.write("row,col," + ",".join(f"{nm}nm" for nm in cameras.WAVELENGTHS) + "\n")
         for r, c in ((5, 7), (30, 40), (60, 12)):
             f.write(f"{r},{c}," + ",".join(f"{v:.6f}" for v in sushi[r, c]) + "\n")
     assert train.main(["predict", "--ckpt", str(run / "last.pt"), "--rgb", str(tmp / "photo.png"), "--out",

@@ -1,0 +1,377 @@
+"""
+`python train.py eval`: a checkpoint on whole test images, beside the classical baselines.
+
+The evaluation protocol (paper Sec. 4.1 and supplementary Sec. 6; docs/design.md, "Evaluation"):
+  - whole images (tile 0), the output clamped to [0, 1]; RMSE, PSNR (per image, over the whole cube),
+    band-wise PSNR, SSIM, SAM and NTIRE's MRAE (pixelssr.rmse ... mrae);
+  - the network's point cube is drawn by seed; mean +- std over --seeds draws: per seed the mean over
+    scenes, then the spread over seeds (the paper's Tables 7-9);
+  - per band: the RMSE and the raw (unclamped) mean, so that a dead or inverted band shows;
+  - beside the network, the classical answer from the same labels: the root-polynomial regression
+    (Finlayson et al. 2015) fitted on the run's labelled pixels, or without labels the smoothest
+    non-negative spectrum consistent with the RGB;
+  - --calib-points K (beyond the paper): each cube corrected with K of its own true spectra, as
+    `predict --points` does with a spectrometer's, scored over all and over the unmeasured pixels.
+
+Glossary: X = rgb = S.Y; Y^r = pred (the network's output, clamped) or raw (unclamped); M = the
+root-polynomial map (6, 31); omega = label_ratio; alpha, theta = the run's Gamma parameters.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import cameras
+import data
+import pixelssr as P
+from labels import expand_label_sets, pixel_coords, scene_seed
+from runs import UsageError, build_model, load_checkpoint, pick_device, seeded
+
+
+# -----------------------------------------------------------------------------
+# reconstruction and metrics
+
+@torch.no_grad()
+def reconstruct(model: P.DyProMamba, rgb: torch.Tensor, points: torch.Tensor, tile: int = 0,
+                overlap: int | None = None) -> torch.Tensor:
+    """Y^r for one image. rgb (3, H, W), points (31, H, W) -> (31, H, W), on the model's device.
+
+    tile = 0 runs the whole image at once (the evaluation protocol). tile > 0 runs overlapping
+    tile x tile windows and blends them with a tent weight, so memory stays bounded on large photos.
+    """
+    dev = next(model.parameters()).device
+    rgb, points = rgb.to(dev), points.to(dev)
+    H, W = rgb.shape[-2:]
+    if tile <= 0 or (H <= tile and W <= tile):
+        return model(rgb[None], points[None])[0][0]
+    out = torch.zeros(points.shape, device=dev)
+    weight = torch.zeros(1, H, W, device=dev)
+    overlap = tile // 4 if overlap is None else min(overlap, tile // 4)  # keep most of each tile new
+    step = tile - overlap
+    ramp = torch.minimum(torch.arange(tile, device=dev) + 1.0, torch.arange(tile, 0, -1, device=dev).float())
+    for top in sorted({*range(0, max(H - tile, 0) + 1, step), max(H - tile, 0)}):
+        for left in sorted({*range(0, max(W - tile, 0) + 1, step), max(W - tile, 0)}):
+            win = (slice(None), slice(top, top + tile), slice(left, left + tile))
+            y = model(rgb[win][None], points[win][None])[0][0]
+            wgt = (ramp[: y.shape[-2], None] * ramp[None, : y.shape[-1]])[None]
+            out[win] += y * wgt
+            weight[win] += wgt
+    return out / weight
+
+def as_float64(x: torch.Tensor) -> torch.Tensor:
+    """x as the metrics take it: float64 on the CPU, contiguous (a cube read from disk is (H, W, 31) in
+    memory, where the per-band reductions took ~30 % longer). A no-op on a tensor already so, which
+    lets the callers convert a truth once for all the metrics they take of it."""
+    return x.to("cpu", torch.float64, memory_format=torch.contiguous_format)
+
+PIXEL_METRICS = {"rmse": P.rmse, "psnr": P.psnr, "psnr_bandwise": P.psnr_bandwise, "sam": P.sam, "mrae": P.mrae}
+
+def metrics(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None) -> dict[str, float]:
+    """The paper's four metrics (plus band-wise PSNR, and NTIRE's MRAE) on one whole (31, H, W) image.
+
+    keep: (H, W) bool, the pixels the pixelwise metrics (all but SSIM, means over pixels) are taken over;
+    SSIM, a windowed metric, is always of the whole image."""
+    pred, target = as_float64(pred), as_float64(target)
+    sel = (lambda x: x) if keep is None else (lambda x: x[:, keep.cpu()][:, None])  # (31, 1, n): the kept pixels
+    out = {k: float(f(sel(pred), sel(target))) for k, f in PIXEL_METRICS.items()}
+    return {**out, "ssim": float(P.ssim(pred, target))}
+
+def band_stats(raw: torch.Tensor, target: torch.Tensor) -> dict[str, list[float]]:
+    """Per band of one (31, H, W) image: the RMSE of the clamped output and the mean of the raw one.
+    A mean PSNR hides a dead or inverted band; these do not."""
+    raw, target = as_float64(raw), as_float64(target)
+    return {"band_rmse": ((raw.clamp(0, 1) - target) ** 2).mean((1, 2)).sqrt().tolist(),
+            "band_raw_mean": raw.mean((1, 2)).tolist()}
+
+def band_warnings(name: str, bands: dict[str, list[float]]) -> list[str]:
+    """The bands of a scene that look broken: RMSE over twice the median band's, or a negative raw mean."""
+    rmse, mean = np.array(bands["band_rmse"]), np.array(bands["band_raw_mean"])
+    nm = cameras.WAVELENGTHS
+    bad = [f"band {i} ({nm[i]} nm) RMSE {rmse[i]:.4f} is {rmse[i] / np.median(rmse):.1f}x the median band's"
+           for i in np.flatnonzero(rmse > 2 * np.median(rmse))]
+    bad += [f"band {i} ({nm[i]} nm) has a negative raw mean {mean[i]:.4f}" for i in np.flatnonzero(mean < 0)]
+    return [f"warning: {name}: {b}" for b in bad]
+
+def eval_scene(model, hsi: np.ndarray, srf: torch.Tensor, ratio: float, gamma: tuple[float, float],
+               points: str, seed: int, tile: int = 0) -> tuple[torch.Tensor, dict, dict]:
+    """Reconstruct one scene from its RGB and a seeded point cube; return (pred (31, H, W) clamped to
+    [0, 1] as the metrics see it, metrics, band_stats of the raw output)."""
+    target = torch.from_numpy(hsi).permute(2, 0, 1)  # (31, H, W)
+    rgb = cameras.rgb_from_hsi(target[None], srf)[0]
+    pts = P.sample_points((1, *target.shape), ratio, *gamma, generator=seeded(seed), dist=points)[0]
+    raw = reconstruct(model, rgb, pts, tile).cpu()
+    pred, target = raw.clamp(0, 1), as_float64(target)
+    return pred, metrics(pred, target), band_stats(raw, target)
+
+
+# -----------------------------------------------------------------------------
+# the classical baselines
+
+def fit_root_poly(rgb: np.ndarray, spectra: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
+    """Least-squares map (6, 31) from root-polynomial RGB features (k, 3) to spectra (k, 31).
+    Solved in float64 whatever the input: the six features are nearly collinear (cond(F^T F) ~ 4e7 on CAVE
+    crops), so float32 normal equations move the baseline's RMSE by ~0.2 % with the last bit of the RGB."""
+    f = P.root_poly_features(np.asarray(rgb, dtype=np.float64))
+    return np.linalg.solve(f.T @ f + ridge * np.eye(f.shape[1]), f.T @ np.asarray(spectra, dtype=np.float64))
+
+def smoothest_spectra(rgb: np.ndarray, srf: np.ndarray, consistency: float = 1e3) -> np.ndarray:
+    """The classical unsupervised answer: per pixel, the smoothest non-negative spectrum whose RGB is the
+    pixel's, y = argmin ||D y||^2 subject to S y = x and y >= 0, D the first difference along bands (on the
+    three sample training scenes it beat the second difference by 0.6-3.5 dB). rgb (k, 3), srf S (3, 31) ->
+    (k, 31). Without y >= 0 the solution is linear, y = Q^-1 S^T (S Q^-1 S^T)^-1 x with Q = D^T D (plus 1e-8 I:
+    constants are D's null space, which S y = x pins down); the few pixels where that goes negative are
+    solved again by non-negative least squares on [c.S; D] y = [c.x; 0], c large so that S y = x holds to
+    ~1e-5. Needs no label, so it is what the unsupervised network must beat."""
+    import scipy.optimize  # here: only this baseline needs it; at the top, every command would pay 0.15-0.3 s
+
+    rgb, srf = np.asarray(rgb, dtype=np.float64), np.asarray(srf, dtype=np.float64)
+    d = np.diff(np.eye(srf.shape[1]), axis=0)  # (30, 31)
+    q_inv = np.linalg.inv(d.T @ d + 1e-8 * np.eye(srf.shape[1]))
+    y = rgb @ (q_inv @ srf.T @ np.linalg.inv(srf @ q_inv @ srf.T)).T  # (k, 31)
+    a, zeros = np.vstack([consistency * srf, d]), np.zeros(len(d))
+    for i in np.flatnonzero((y < 0).any(1)):
+        y[i] = scipy.optimize.nnls(a, np.concatenate([consistency * rgb[i], zeros]))[0]
+    return y
+
+def labels_root_poly(labels: dict) -> tuple[np.ndarray | None, int]:
+    """(the (6, 31) root-polynomial map fitted on the run's labelled pixels of all scenes, or None when
+    there are fewer than its 6 terms; the number of labelled pixels). The baseline of eval and the map
+    of --prior rootpoly are this one fit."""
+    rgb = torch.cat([v["rgb"] for v in labels.values()]).numpy()
+    spectra = torch.cat([v["spectra"] for v in labels.values()]).numpy()
+    return (fit_root_poly(rgb, spectra) if len(rgb) >= 6 else None), len(rgb)
+
+
+# -----------------------------------------------------------------------------
+# a spectrometer's points at inference (beyond the paper; predict --points, eval --calib-points)
+
+CALIBRATION_CONVENTION = (
+    "K pixels of each scene, drawn once per scene, give their true spectra as a spectrometer would; each "
+    "seed's cube is corrected with them (evaluate.calibrate) and the measured spectra pasted in. all: every "
+    "pixel of that cube; unmeasured: the other pixels, SSIM of the cube before pasting (no window sees a "
+    "true spectrum); uncorrected_unmeasured: the network's own cube at those same pixels")
+
+CALIB_RIDGE = 16.0  # the residual map's pull toward no correction, in measured points' worth
+
+CALIBRATION_METHOD = ("the exposure the spectra imply, a ridge map of the RGB's root-polynomial terms fitted on "
+                      "the network's error at the measured pixels, then each spectrum put back on its pixel's RGB")
+
+def calibrate(pred: torch.Tensor, rgb: torch.Tensor, srf: torch.Tensor, coords: np.ndarray,
+              spectra: np.ndarray) -> torch.Tensor:
+    """The network's cube (31, H, W) corrected with spectra (k, 31) measured at k of its pixels (k, 2)
+    (row, col), by low-dimensional maps fitted on those pixels and applied to every pixel. rgb (3, H, W)
+    is the network's input and srf (3, 31) the S it was trained with.
+      1. exposure: the factor e that best matches the measured spectra's S.y to the RGB at their pixels,
+         by least squares over the k x 3 values. A photo's exposure is unknown (predict only brings it to
+         the training level); the measured spectra know it. For an image rendered from its cube (eval), e = 1.
+      2. the network's error y - e.p at the measured pixels as a linear map of the root-polynomial terms of
+         e.X (the classical baseline's six terms; they scale with the light, so the map does not care
+         about exposure), ridge-regularised toward no correction by CALIB_RIDGE points' worth.
+      3. each corrected spectrum moved, by the least change, back onto its pixel's e.X (S.y' = e.X), which
+         the correction may have left: the RGB was measured, it stays true.
+    Chosen by measurement (README): on fake_and_real_sushi with the CPU recipe's checkpoint a gain per band
+    fitted on the points lost 5-6 dB PSNR at one point and 1.7 dB at 25, and a weaker ridge (1 or 4 points'
+    worth) lost up to 3 dB at 2-5 points; this form moves PSNR by -0.6..+0.3 dB and lowers SAM and MRAE.
+    Returns the corrected cube clamped to [0, 1]; paste puts the measured spectra at their own pixels."""
+    h, w = pred.shape[1:]
+    idx = coords[:, 0] * w + coords[:, 1]
+    s = srf.double().numpy()                                           # (3, 31)
+    p = pred.double().reshape(pred.shape[0], -1).T.numpy()             # (H*W, 31)
+    x = rgb.double().reshape(3, -1).T.numpy()                          # (H*W, 3)
+    y = np.asarray(spectra, dtype=np.float64)                          # (k, 31)
+    exposure = float((y @ s.T * x[idx]).sum() / max((x[idx] ** 2).sum(), 1e-12))
+    p, x = p * exposure, x * exposure
+    f = P.root_poly_features(x)                                          # (H*W, 6)
+    ftf = f[idx].T @ f[idx]
+    a = np.linalg.solve(ftf + CALIB_RIDGE * np.trace(ftf) / len(idx) * np.eye(6), f[idx].T @ (y - p[idx]))
+    out = p + f @ a
+    out += (x - out @ s.T) @ np.linalg.pinv(s).T                       # least change with S.y' = e.X
+    return torch.from_numpy(out.T.reshape(pred.shape)).clamp(0, 1).to(pred.dtype)
+
+def paste(cube: torch.Tensor, coords: np.ndarray, spectra: np.ndarray) -> torch.Tensor:
+    """cube (31, H, W) with the measured spectra (k, 31) at their pixels (k, 2): what was measured is known."""
+    out = cube.clone()
+    out[:, coords[:, 0], coords[:, 1]] = torch.as_tensor(spectra, dtype=out.dtype).T
+    return out
+
+def calibration_scores(runs: list, hsi: np.ndarray, srf: torch.Tensor, k: int, seed: int) -> dict[str, list[dict]]:
+    """eval --calib-points: per seed's run (pred, ...), the metrics of its cube corrected with k pixels of the
+    truth drawn once by seed, over all pixels and over the unmeasured ones (see CALIBRATION_CONVENTION)."""
+    h, w = hsi.shape[:2]
+    if not 0 < k < h * w:
+        raise UsageError(f"--calib-points must be between 1 and the scene's {h * w - 1} pixels, got {k}")
+    coords = pixel_coords(np.sort(np.random.default_rng(seed).choice(h * w, k, replace=False)), w)
+    spectra = hsi[coords[:, 0], coords[:, 1]]
+    target = torch.from_numpy(hsi).permute(2, 0, 1)
+    rgb, target = cameras.rgb_from_hsi(target[None], srf)[0], as_float64(target)
+    keep = torch.ones(h, w, dtype=torch.bool)
+    keep[coords[:, 0], coords[:, 1]] = False
+    scores = {"all": [], "unmeasured": [], "uncorrected_unmeasured": []}
+    for pred, *_ in runs:
+        fixed = calibrate(pred, rgb, srf, coords, spectra)
+        scores["all"].append(metrics(paste(fixed, coords, spectra), target))
+        scores["unmeasured"].append(metrics(fixed, target, keep))
+        scores["uncorrected_unmeasured"].append(metrics(pred, target, keep))
+    return scores
+
+def calibration_line(cal: dict) -> str:
+    return "; ".join(f"{k}: " + ", ".join(f"{m} {v[m]['mean']:.4f}" for m in ("psnr", "ssim", "sam", "mrae"))
+                     for k, v in cal.items() if isinstance(v, dict))
+
+
+# -----------------------------------------------------------------------------
+# eval
+
+def write_outputs(out: Path, pred: torch.Tensor, srf: torch.Tensor, target: torch.Tensor | None = None,
+                  envi: bool = False) -> None:
+    """Cube (.npy, .mat, and with envi ENVI .hdr + .img), RGB preview, and for a known target: per-pixel
+    RMSE map and spectral curves."""
+    out.mkdir(parents=True, exist_ok=True)
+    # (H, W, 31), the on-disk layout, made so once: np.save of the permuted view took 110 ms, of a copy 7 ms
+    cube = np.ascontiguousarray(pred.permute(1, 2, 0).numpy())
+    data.save_cube(out / "cube", cube)
+    if envi:
+        data.save_envi(out / "cube", cube)
+    data.save_png(out / "preview.png", cameras.rgb_from_hsi(cube, srf.numpy()))
+    H, W = cube.shape[:2]
+    pix = [(H // 2, W // 2), (H // 4, W // 4), (3 * H // 4, W // 4), (H // 4, 3 * W // 4), (3 * H // 4, 3 * W // 4)]
+    cols, rows = ["wavelength_nm"], [list(cameras.WAVELENGTHS)]
+    for r, c in pix:
+        cols.append(f"pred_{r}_{c}")
+        rows.append(cube[r, c].tolist())
+        if target is not None:
+            cols.append(f"true_{r}_{c}")
+            rows.append(target[:, r, c].tolist())
+    with open(out / "spectra.csv", "w") as f:
+        f.write(",".join(cols) + "\n")
+        f.writelines(",".join(f"{v:.6g}" for v in row) + "\n" for row in zip(*rows))
+    if target is not None:
+        err = ((pred - target) ** 2).mean(0).sqrt().numpy()  # per-pixel RMSE over bands
+        data.save_png(out / "error_rmse_0-0.1.png", np.clip(err / 0.1, 0, 1))  # fixed scale: maps compare across runs
+
+def summarise(values: list[dict]) -> dict:
+    return {k: {"mean": float(np.mean([v[k] for v in values])), "std": float(np.std([v[k] for v in values]))}
+            for k in values[0]}
+
+def summarise_over_seeds(by_scene: list[list[dict]]) -> dict:
+    """by_scene[i][s]: the metrics of scene i with Gamma seed s. Per seed the mean over scenes, then mean
+    and std over seeds: the spread the Gamma draws cause, not the differences between scenes."""
+    per_seed = [{k: float(np.mean([runs[s][k] for runs in by_scene])) for k in by_scene[0][s]}
+                for s in range(len(by_scene[0]))]
+    return summarise(per_seed)
+
+
+def evaluate(ckpt_path: str | Path, out: str | Path, root: str | None = None, scenes: list[str] | None = None,
+             seeds: int = 5, tile: int = 0, calib_points: int = 0, envi: bool = False, device: str = "auto") -> dict:
+    """Evaluate a checkpoint on whole scenes (default: the run's test scenes, from the run's own data folder
+    root, or the demo scenes); write each scene's outputs and metrics.json into out; return the report."""
+    ckpt = load_checkpoint(ckpt_path)
+    model = build_model(ckpt, pick_device(device))
+    run = ckpt["train_config"]
+    srf = torch.from_numpy(cameras.srf_matrix(run["srf"]))
+    gamma, points = tuple(ckpt["gamma"]), ckpt["model_config"]["points"]
+    root = root or ckpt["data"]  # default: the folder the run trained on
+    names = [data.scene_name(n) for n in scenes or ckpt["split"]["test"]]
+    if not names:
+        raise UsageError(f"{root}: no test scenes; name some with --scenes.")
+    if set(names) & set(ckpt["split"]["train"]):
+        print(f"warning: {sorted(set(names) & set(ckpt['split']['train']))} were training scenes.")
+    # the classical floor: root-polynomial regression fitted on the very same labelled pixels
+    every_pixel = [n for n, v in ckpt["labels"].items() if "every_pixel" in v]  # re-read those training scenes
+    rp, n_labels = labels_root_poly(expand_label_sets(ckpt["labels"], data.load_scenes(root, every_pixel), srf))
+    # the classical answer beside the network: with labels, that regression; without any (the unsupervised mode),
+    # the smoothest non-negative spectrum consistent with the RGB, which needs none
+    if rp is not None:
+        base_key, base_name = "root_poly_baseline", "root-polynomial baseline"
+        baseline = lambda x: P.root_poly_features(x) @ rp  # noqa: E731
+    elif n_labels == 0:
+        base_key, base_name = "smoothest_baseline", "smoothest non-negative spectrum (no labels)"
+        baseline = lambda x: smoothest_spectra(x, srf.numpy())  # noqa: E731
+    else:
+        baseline = None  # 1 to 5 labelled pixels: too few for the regression's 6 terms
+    out = Path(out)
+    report = {"checkpoint": str(ckpt_path), "label_ratio": run["label_ratio"],
+              "labelled_pixels": n_labels, "seeds": list(range(seeds)), **REPORT_CONVENTIONS, "scenes": {}}
+    by_scene, baseline_all, calibrated = [], [], []
+    for name, hsi in data.load_scenes(root, names).items():
+        runs = [eval_scene(model, hsi, srf, run["label_ratio"], gamma, points, s, tile) for s in range(seeds)]
+        target = as_float64(torch.from_numpy(hsi).permute(2, 0, 1))  # (31, H, W); after the network's peak
+        write_outputs(out / name, runs[0][0], srf, target, envi)
+        entry = summarise([m for _, m, _ in runs])
+        print(f"{name}: " + ", ".join(f"{k} {v['mean']:.4f}±{v['std']:.4f}" for k, v in entry.items()))
+        # per band, mean over the seeds
+        entry["bands"] = {k: np.mean([b[k] for _, _, b in runs], 0).tolist() for k in runs[0][2]}
+        entry["bands"]["true_mean"] = target.mean((1, 2)).tolist()
+        for line in band_warnings(name, entry["bands"]):
+            print(line)
+        if baseline is not None:
+            rgb = cameras.rgb_from_hsi(hsi, srf.numpy()).reshape(-1, 3)
+            base = torch.from_numpy(baseline(rgb).reshape(hsi.shape)).permute(2, 0, 1).float()
+            entry[base_key] = metrics(base.clamp(0, 1), target)
+            baseline_all.append(entry[base_key])
+            entry[base_key]["bands"] = band_stats(base, target)
+        if calib_points:
+            scores = calibration_scores(runs, hsi, srf, calib_points, scene_seed(run["seed"], f"{name} calib"))
+            entry["calibration"] = {"points": calib_points, **{k: summarise(v) for k, v in scores.items()}}
+            calibrated.append(scores)
+            print(f"{name}, corrected with {calib_points} true spectra: {calibration_line(entry['calibration'])}")
+        report["scenes"][name] = entry
+        by_scene.append([m for _, m, _ in runs])
+    report["overall"] = summarise_over_seeds(by_scene)
+    if calibrated:
+        report["calibration"] = {"points": calib_points, "convention": CALIBRATION_CONVENTION,
+                                 **{k: summarise_over_seeds([c[k] for c in calibrated]) for k in calibrated[0]}}
+    if baseline_all:
+        report[base_key] = summarise([{k: v for k, v in b.items() if k != "bands"} for b in baseline_all])
+    with open(out / "metrics.json", "w") as f:
+        json.dump(report, f, indent=2)
+    print("overall: " + ", ".join(f"{k} {v['mean']:.4f}±{v['std']:.4f}" for k, v in report["overall"].items()))
+    if calibrated:
+        print(f"overall, corrected with {calib_points} true spectra: {calibration_line(report['calibration'])}")
+    if baseline_all:
+        print(f"{base_name}: " + ", ".join(f"{k} {v['mean']:.4f}" for k, v in report[base_key].items()))
+    print(f"wrote {out / 'metrics.json'}")
+    return report
+
+
+# what metrics.json says of its own numbers
+REPORT_CONVENTIONS = {
+    "psnr_convention": "psnr: 10 log10(1/MSE) over the whole cube per image; psnr_bandwise: mean of per-band PSNR",
+    "mrae_convention": f"mrae: mean over pixels and bands of |pred - truth| / max(truth, {P.MRAE_EPS:g}), "
+                       f"per image; sam: a pixel black in both is 0 degrees",
+    "overall_convention": "per seed the mean over scenes; then mean and std over seeds",
+    "bands_convention": "per scene, mean over seeds: band_rmse of the output clamped to [0, 1], "
+                        "band_raw_mean of the raw (unclamped) output, true_mean of the truth",
+}
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the error into one line and exit code 2)."""
+    if not text.lstrip("+").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def add_arguments(e: argparse.ArgumentParser) -> None:
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--data", default=None, help="default: the run's own data folder (or the demo scenes)")
+    e.add_argument("--out", default="runs/eval")
+    e.add_argument("--seeds", type=positive, default=5, help="Gamma draws per scene (mean +- std)")
+    e.add_argument("--scenes", nargs="*", default=None, help="default: the run's test scenes")
+    e.add_argument("--tile", type=int, default=0, help="0 = whole image (the protocol); >0 bounds memory")
+    e.add_argument("--calib-points", type=int, default=0, metavar="K",
+                   help="also score predict --points: correct each cube with K pixels of its own truth, scored "
+                        "over all pixels and over the unmeasured ones (beyond the paper)")
+    e.add_argument("--envi", action="store_true", help="also write the cube as ENVI (cube.hdr + cube.img, BSQ)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def run(args: argparse.Namespace) -> dict:
+    return evaluate(args.ckpt, args.out, args.data, args.scenes, args.seeds, args.tile, args.calib_points,
+                    args.envi, args.device)

@@ -1,0 +1,195 @@
+"""
+What every command of pixelssr shares: the one error a user can cause, the device, seeds, checkpoints,
+the network a checkpoint holds, data-parallel ranks (torchrun), and the CPU allocator's setting.
+
+  UsageError                     bad input of any kind: one sentence naming the file or flag, no traceback
+  pick_device, Ranks, start_ranks  --device auto|cpu|cuda[:N]; torchrun's processes (fit only)
+  slice_shares, autocast         a rank's share of a batch's loss terms; --amp bf16
+  stable_seed, seeded            seeds that are pure functions of their keys, on every machine
+  save_atomic, load_checkpoint, build_model   a run's checkpoint: written atomically, read back checked
+  keep_freed_cpu_memory          glibc's malloc keeps freed memory for reuse (docs/performance.md)
+
+A checkpoint (`fit`'s RUN/last.pt, best.pt) is a dict with CHECKPOINT_KEYS: the model and training
+configs, the weights (and "ema", the weight average, with --ema), Adam's state, the step and schedule,
+the data folder and its split, the run's fixed label sets and its Gamma parameters (docs/design.md).
+"""
+
+import ctypes
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import backbones
+import pixelssr as P
+
+
+class UsageError(Exception):
+    """Anything a user can get wrong (a file, a scene, a flag, a device, a checkpoint, a run that diverged):
+    the message is one sentence naming the file or setting and the problem, and the commands print it
+    without a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# devices and seeds
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name} was asked for, but torch sees {torch.cuda.device_count()} CUDA devices.")
+    return device
+
+
+def stable_seed(*keys: int) -> int:
+    """A 64-bit seed that is a pure function of the keys (run seed, epoch, step, a scene's CRC, ...), the same
+    on every machine and Python version (unlike hash(), which Python salts per process)."""
+    return int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0])
+
+
+def seeded(*keys: int) -> torch.Generator:
+    """A CPU generator seeded by stable_seed(*keys)."""
+    return torch.Generator().manual_seed(stable_seed(*keys) >> 2)
+
+
+def keep_freed_cpu_memory() -> None:
+    """Make glibc's malloc serve every block from its heap and keep freed memory for reuse, never trimmed,
+    rather than map each large block fresh from the OS and hand it back when freed: a training step or a
+    whole-image eval allocates many tensors of tens to hundreds of MB, and fresh pages are faulted in and
+    zeroed by the kernel every time. The process keeps its peak. Why and what it saves: docs/performance.md,
+    "The CPU allocator". (CUDA has its own caching allocator; without glibc, e.g. on macOS, nothing is done.)"""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # no C library of that kind (Windows: TypeError)
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    mallopt(m_trim_threshold, -1)  # never give the heap's top back to the OS (glibc: -1 disables trimming)
+    mallopt(m_mmap_max, 0)  # no block is mmap'd on its own: all come from the heap, and return to it
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """Write a checkpoint so that a run killed mid-write never leaves a broken file behind."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+CHECKPOINT_KEYS = ("model_config", "train_config", "model", "optimizer", "step", "total_steps", "best_psnr",
+                   "data", "split", "labels", "gamma")
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A run's checkpoint, on the CPU; a missing, unreadable or foreign file is a UsageError naming it."""
+    if not Path(path).is_file():
+        raise UsageError(f"{path}: no such checkpoint file.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which, not where in the unpickler
+        raise UsageError(f"{path}: not a readable pixelssr checkpoint ({type(e).__name__}).") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UsageError(f"{path}: not a pixelssr checkpoint (no {', '.join(missing)}).")
+    return ckpt
+
+
+def build_model(ckpt: dict, device: torch.device) -> P.DyProMamba:
+    """The network a checkpoint is evaluated with: its weight average when the run kept one (--ema)."""
+    model = backbones.network(P.Config(**ckpt["model_config"])).to(device)
+    model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"])
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# data parallel (torchrun) and mixed precision
+
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    """This process's place in a data-parallel run: rank 0 of 1 when not launched by torchrun.
+
+    Every rank draws the same whole batch from the same generators as one process would, and runs its
+    slice of it, so N processes compute the single-process step up to the order of floating-point sums.
+    Only rank 0 writes (checkpoints, log, progress bar)."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def part(self, n: int) -> slice:
+        """This rank's contiguous slice of a batch of n samples; slice sizes differ by at most one."""
+        return slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over the ranks (all-reduce); x itself in one process."""
+        if self.world > 1:
+            x = x.clone()
+            dist.all_reduce(x)
+        return x
+
+    def agree(self, values: list[int]) -> list[int]:
+        """Rank 0's values on every rank: decisions taken from the clock (the time budget) must not differ."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(t, 0)
+        return t.tolist()
+
+def start_ranks(device_name: str) -> tuple[Ranks, torch.device]:
+    """Join the process group when torchrun launched several processes (its WORLD_SIZE, RANK and LOCAL_RANK
+    variables): NCCL on GPUs, one per process (cuda:LOCAL_RANK), gloo on CPUs. Else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return Ranks(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # DDP warns that depthwise convs' gradients have other strides than their buckets: they differ only
+    # along a dimension of size 1, which is the same memory layout.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return Ranks(dist.get_rank(), dist.get_world_size()), device
+
+def unwrap(model: torch.nn.Module) -> P.DyProMamba:
+    """The network inside a DistributedDataParallel wrapper (or the network itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def slice_shares(mask: torch.Tensor, part: slice) -> dict[str, float]:
+    """Weights that turn the loss terms computed on batch[part] into that slice's share of the whole
+    batch's terms, so that the shares of all slices add up to the whole batch's terms (and gradients).
+
+    L_rep, L_SSIM, L_P2I and the unsupervised mode's smoothness prior are means over the batch's samples
+    (and pixels, bands): a slice of b of B samples holds b/B of them. L_pHSI is a mean over the batch's labelled pixels, wherever they fall: a
+    slice holding n of its N labels holds n/N (its mean is over its own n; a slice with none has 0).
+    A per-slice mean averaged over slices would weight each slice's labels by 1/n instead.
+    mask: the whole batch's (B, 1, h, w) labelled pixels."""
+    n_all, n_part = int(mask.sum()), int(mask[part].sum())
+    b_share = (part.stop - part.start) / mask.shape[0]
+    return {"phsi": n_part / n_all if n_all else 1.0, "rep": b_share, "ssim": b_share, "p2i": b_share,
+            "smooth": b_share}
+
+def autocast(amp: str, device: torch.device):
+    """The context of the network's forward: bfloat16 autocast for amp = "bf16", float32 otherwise.
+
+    Under bf16 the convolutions, linear layers and attention products run in bfloat16 (8 significant
+    bits); these stay in float32 because 8 bits are too few for them:
+      - the selective scan (ssm.selective_scan): its state sums up to h.w steps, and exp(delta.A) of a
+        slow channel, 1 - 1e-3, rounds to 1 in bfloat16 (the channel would never forget);
+      - the FRFT (frft.frft, frft2): dense N-point unitary sums whose inverse must undo them, and whose
+        order's gradient is a near-cancelling sum of size ~N.|x|;
+      - the losses (train.slice_loss): SSIM's variances are differences of nearly equal means, and L_rep and
+        L_P2I means of small differences. The weights, Adam and checkpoints are float32 throughout."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")

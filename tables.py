@@ -1,0 +1,136 @@
+"""
+`python train.py table NAME`: one of the paper's experiments, every row a fit and an eval per seed.
+
+  branches   Table 4: the DRPN's branches and the PromptSSMs' prompted attention, one switched off a row
+  transform  Table 5: the P_spa branch with the FRFT or the FFT
+  points     Table 3: Gamma or Gaussian point spectra at 0.01 / 0.1 / 1 / 10 % labels
+  losses     Table 6: Eq. (15) without one term a row
+  paradigm   Table 2: every body (backbones.BODIES) unsupervised, with Pixel-SSR at 0.01 %, supervised
+  modes      Table 2's three supervision modes with DyPro-Mamba
+  labels     Tables 7-9: the label ratio
+
+A row is a label and the fit settings it changes (fit's dests, e.g. use_spa=False); the table's own
+flags and any other fit flag apply to every row. A second call after an interrupted one finishes the cut
+runs and redoes nothing that finished. Writes table.json and table.md: mean +- std over the training
+seeds (each its eval's mean over Gamma draws and test scenes), and the classical baseline of each label
+ratio as its own row.
+"""
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import backbones
+import evaluate
+
+# rows of each table: (label, the fit settings the row changes)
+TABLES = {
+    "branches": [("full (Table 4, last row)", {}), ("w/o P_spa", {"use_spa": False}), ("w/o P_hf", {"use_hf": False}),
+                 ("w/o P_spe", {"use_spe": False}), ("w/o DRPN", {"use_drpn": False}),
+                 ("w/o PromptSSM attention", {"use_prompt_ssm": False})],
+    "transform": [("P_spa with FFT", {"spa_transform": "fft"}), ("P_spa with FRFT", {})],
+    "points": [(f"{dist}, {r * 100:g} %", {"points": dist, "label_ratio": r})
+               for r in (1e-4, 1e-3, 1e-2, 1e-1) for dist in ("gaussian", "gamma")],
+    "losses": [(f"w/o L_{t}", {"loss_weights": f"{k}=0"}) for k, t in (("p2i", "P2I"), ("phsi", "pHSI"), ("rep", "rep"),
+                                                                      ("ssim", "SSIM"))] + [("all four (Eq. 15)", {})],
+    "paradigm": [(f"{b}, {mode}", {"backbone": b, "label_ratio": r}) for b in backbones.BODIES
+                 for mode, r in (("unsupervised", 0.0), ("+ Pixel-SSR 0.01 %", 1e-4), ("supervised", 1.0))],
+    "modes": [("unsupervised (omega = 0)", {"label_ratio": 0.0}), ("pixel-level (omega = 0.01 %)", {"label_ratio": 1e-4}),
+              ("image-level (omega = 1)", {"label_ratio": 1.0})],
+    "labels": [(f"omega = {r * 100:g} %", {"label_ratio": r}) for r in (1e-4, 1e-3, 1e-2, 1e-1)],
+}
+TABLE_METRICS = ("psnr", "ssim", "sam", "rmse")
+
+BASELINES = {"root_poly_baseline": "root-polynomial regression on the run's labels",
+             "smoothest_baseline": "smoothest non-negative spectrum (no labels)"}
+
+def row_dir(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label).strip("_")
+
+
+
+def table(args: argparse.Namespace, fit: Callable, fit_args: Callable) -> dict:
+    """Run every row of table args.name over args.seeds training seeds, each a fit and an eval, skipping runs
+    whose eval is written and resuming fits that were cut short; write table.json and table.md.
+    fit and fit_args are train.py's (handed in: train.py dispatches this command, so this file does not
+    import it)."""
+    out = Path(args.out)
+    shared = {"max_minutes": args.max_minutes, "device": args.device,
+              **({"data": args.data} if args.data else {}),
+              **({"test_scenes": args.test_scenes} if args.test_scenes is not None else {})}
+    rows = []
+    for label, settings in TABLES[args.name]:
+        runs = []
+        for seed in range(args.seeds):
+            run = out / row_dir(label) / f"seed{seed}"
+            report = run / "eval" / "metrics.json"
+            if not report.is_file():
+                resume = (run / "last.pt").is_file()  # cut short before its eval: finish it, keep what it did
+                print(f"\n== {args.name}: {label}, seed {seed}" + (" (resumed)" if resume else ""))
+                if resume:
+                    fit(fit_args([], out=str(run), resume=True, max_minutes=args.max_minutes, device=args.device))
+                else:
+                    fit(fit_args(args.fit_args, **shared, **settings, seed=seed, out=str(run)))
+                evaluate.evaluate(run / "last.pt", run / "eval", seeds=args.eval_seeds, tile=args.tile,
+                                  device=args.device)
+            ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+            runs.append({"seed": seed, "steps": ckpt["step"], "report": json.loads(report.read_text())})
+        rows.append({"label": label, "settings": settings, "runs": runs})
+    result = {"table": args.name, "command": "python train.py table " + " ".join(args.argv), "rows": rows}
+    with open(out / "table.json", "w") as f:
+        json.dump(result, f, indent=2)
+    (out / "table.md").write_text(table_markdown(result))
+    print(f"wrote {out / 'table.md'} and {out / 'table.json'}")
+    return result
+
+
+def table_markdown(result: dict) -> str:
+    """The paper's layout: a row per setting, PSNR / SSIM / SAM / RMSE as mean +- std over the training seeds
+    (each its eval's mean over Gamma draws and test scenes), the steps trained, then one row per classical
+    baseline (per label ratio: the regression on each seed's labels, or the smoothest spectrum without any)."""
+    def cell(values: list[float]) -> str:
+        return f"{np.mean(values):.4g} ± {np.std(values):.2g}" if len(values) > 1 else f"{values[0]:.4g}"
+
+    head = ["setting", *(m.upper() for m in TABLE_METRICS), "steps"]
+    lines = [f"`{result['command']}`", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    baselines = {}
+    for row in result["rows"]:
+        reports = [r["report"] for r in row["runs"]]
+        lines.append(f"| {row['label']} | " + " | ".join(cell([r["overall"][m]["mean"] for r in reports]) for m in TABLE_METRICS)
+                     + f" | {'/'.join(str(r['steps']) for r in row['runs'])} |")
+        for key, name in BASELINES.items():
+            if key in reports[0]:
+                baselines.setdefault((name, reports[0]["label_ratio"]), [r[key] for r in reports])
+    for (name, ratio), reports in baselines.items():
+        lines.append(f"| {name} (omega = {ratio * 100:g} %) | " + " | ".join(cell([r[m]["mean"] for r in reports])
+                                                                         for m in TABLE_METRICS) + " | - |")
+    return "\n".join(lines) + "\n"
+
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+def add_arguments(t: argparse.ArgumentParser) -> None:
+    t.add_argument("name", choices=list(TABLES))
+    t.add_argument("--data", default=None, help="folder of scenes (default: the demo scenes)")
+    t.add_argument("--out", required=True, help="table folder: a run folder per row and seed, table.md, table.json")
+    t.add_argument("--max-minutes", type=float, default=0.0, help="time budget of each run (0: --epochs)")
+    t.add_argument("--seeds", type=evaluate.positive, default=1, help="training seeds per row (mean +- std)")
+    t.add_argument("--eval-seeds", type=evaluate.positive, default=1, help="Gamma draws per scene in each eval")
+    t.add_argument("--test-scenes", nargs="*", default=None)
+    t.add_argument("--tile", type=int, default=0, help="eval tile size (0: whole images, the protocol)")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def parse(t: argparse.ArgumentParser, argv: list[str], fit_args: Callable) -> argparse.Namespace:
+    """The table's own flags from argv (after "table"); the rest are fit flags for every run, checked here
+    with fit_args so that an unknown or malformed one stops the table before its first row."""
+    args, args.fit_args = t.parse_known_args(argv)
+    args.argv = argv
+    fit_args(args.fit_args)
+    return args
