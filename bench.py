@@ -20,7 +20,7 @@ Sections:
          paper counts them), forward and forward+backward per 128x128 patch, a training step
          (train.train_step) at batch 8 of 128x128 in float32 (and bf16 autocast on CUDA) with its
          time split (scan forward / backward, convolutions, the rest);
-  scene  whole-image inference on a 512x512 scene: the network alone, and train.eval_scene (the network
+  scene  whole-image inference on a 512x512 scene: the network alone, and evaluate.eval_scene (the network
          and the metrics), the times `train.py eval` of a CAVE scene is measured against.
 """
 
@@ -37,8 +37,10 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import backbones
-import data
+import cameras
+import evaluate
 import pixelssr as P
+import runs
 import train
 from frft import frft2
 from ssm import SS2D, selective_scan, selective_scan_chunks, selective_scan_ref
@@ -310,7 +312,7 @@ def bench_model(device: torch.device, batch: int, repeat: int) -> None:
     # a real training step (train.train_step): batch of patches, all four losses, Adam; channels-last, as fit trains
     model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.99))
-    srf = torch.from_numpy(data.srf_matrix())
+    srf = torch.from_numpy(cameras.srf_matrix())
     rgb_b = torch.rand(batch, 3, 128, 128, device=device)
     mask = torch.zeros(batch, 1, 128, 128, dtype=torch.bool, device=device)
     mask[:, :, 64, 64] = True
@@ -333,10 +335,10 @@ def bench_model(device: torch.device, batch: int, repeat: int) -> None:
 
 def bench_scene(device: torch.device, repeat: int) -> None:
     """Whole-image inference on a 512x512 scene (a CAVE scene's size), as eval runs it: the network alone,
-    and train.eval_scene (the network, then the metrics)."""
+    and evaluate.eval_scene (the network, then the metrics)."""
     torch.manual_seed(0)
     model = P.DyProMamba(P.Config()).to(device).eval()
-    srf = torch.from_numpy(data.srf_matrix())
+    srf = torch.from_numpy(cameras.srf_matrix())
     rgb5 = torch.rand(1, 3, 512, 512, device=device)
     pts5 = P.sample_points((1, 31, 512, 512), 1e-4, 2.0, 0.1, device=device)
     print(f"\nwhole-image inference, DyPro-Mamba on {device}")
@@ -344,8 +346,8 @@ def bench_scene(device: torch.device, repeat: int) -> None:
         t5 = _timed(lambda: model(rgb5, pts5), device, repeat)
     print(f"inference of one whole 512x512 scene, the network alone: {t5:.2f} s (best of {repeat})")
     hsi5 = torch.rand(512, 512, 31, generator=torch.Generator().manual_seed(0)).numpy()
-    t_eval = _timed(lambda: train.eval_scene(model, hsi5, srf, 1e-4, (2.0, 0.1), "gamma", seed=0), device, repeat)
-    print(f"eval of one whole 512x512 scene and seed (train.eval_scene: the network, then the metrics in float64 "
+    t_eval = _timed(lambda: evaluate.eval_scene(model, hsi5, srf, 1e-4, (2.0, 0.1), "gamma", seed=0), device, repeat)
+    print(f"eval of one whole 512x512 scene and seed (evaluate.eval_scene: the network, then the metrics in float64 "
           f"on the CPU): {t_eval:.2f} s (best of {repeat}), {t_eval / t5:.2f}x the network alone")
 
 
@@ -382,7 +384,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="training batch of 128x128 patches")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of each model measurement (best is kept)")
     args = ap.parse_args()
-    train.keep_freed_cpu_memory()
+    runs.keep_freed_cpu_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

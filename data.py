@@ -133,7 +133,7 @@ def _load_png_folder(path: Path) -> np.ndarray:
         raise UsageError(f"{folder}: found {len(bands)} band images where 31 numbered 01-31 are expected "
                          f"({'; '.join(problems)})")
     planes = []
-    # Pillow decodes without holding the GIL: on 2 cores two threads read a 512x512 scene in 0.05 s, not 0.09 s.
+    # Pillow decodes without holding the GIL, so threads read the bands in parallel (docs/performance.md, "Reading a scene").
     # The results come in band order, so the first band with a problem is the one named, as read one by one.
     with ThreadPoolExecutor(min(BANDS, os.cpu_count() or 1)) as pool:
         for n, image in enumerate(pool.map(_read_image, [bands[n] for n in range(1, BANDS + 1)]), 1):
@@ -443,7 +443,7 @@ def save_cube(path_stem, cube) -> tuple[Path, Path]:
     and `wavelengths` in nm); load_scene reads both back. Returns the two paths."""
     cube, (npy, mat) = _output(path_stem, cube, ".npy", ".mat")
     np.save(npy, cube)
-    # uncompressed: zlib shrinks a float32 cube by about a tenth and took 1.5 s of a 512x512 eval
+    # uncompressed: zlib shrinks a float32 cube by little and costs much of an eval (docs/performance.md, "Writing the cube")
     scipy.io.savemat(mat, {"cube": cube, "wavelengths": WAVELENGTHS.astype(np.float64)})
     return npy, mat
 
@@ -471,5 +471,5 @@ def save_png(path, img) -> None:
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] != 3):
         raise ValueError(f"expected an (H, W, 3) or (H, W) image, got shape {a.shape}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    # zlib's fastest level: a 512x512 preview takes 14 ms instead of PIL's default 59 ms, and is 25 % larger
+    # zlib's fastest level: a larger file, written several times faster (docs/performance.md, "Writing the cube")
     Image.fromarray(np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)).save(path, compress_level=1)

@@ -63,7 +63,8 @@ def reconstruct(model: P.DyProMamba, rgb: torch.Tensor, points: torch.Tensor, ti
 
 def as_float64(x: torch.Tensor) -> torch.Tensor:
     """x as the metrics take it: float64 on the CPU, contiguous (a cube read from disk is (H, W, 31) in
-    memory, where the per-band reductions took ~30 % longer). A no-op on a tensor already so, which
+    memory, where the per-band reductions are slower; docs/performance.md, "The metrics' clamp, layout and
+    norms"). A no-op on a tensor already so, which
     lets the callers convert a truth once for all the metrics they take of it."""
     return x.to("cpu", torch.float64, memory_format=torch.contiguous_format)
 
@@ -125,7 +126,7 @@ def smoothest_spectra(rgb: np.ndarray, srf: np.ndarray, consistency: float = 1e3
     constants are D's null space, which S y = x pins down); the few pixels where that goes negative are
     solved again by non-negative least squares on [c.S; D] y = [c.x; 0], c large so that S y = x holds to
     ~1e-5. Needs no label, so it is what the unsupervised network must beat."""
-    import scipy.optimize  # here: only this baseline needs it; at the top, every command would pay 0.15-0.3 s
+    import scipy.optimize  # here: only this baseline needs it, and every command would pay its import time
 
     rgb, srf = np.asarray(rgb, dtype=np.float64), np.asarray(srf, dtype=np.float64)
     d = np.diff(np.eye(srf.shape[1]), axis=0)  # (30, 31)
@@ -172,7 +173,7 @@ def calibrate(pred: torch.Tensor, rgb: torch.Tensor, srf: torch.Tensor, coords: 
          about exposure), ridge-regularised toward no correction by CALIB_RIDGE points' worth.
       3. each corrected spectrum moved, by the least change, back onto its pixel's e.X (S.y' = e.X), which
          the correction may have left: the RGB was measured, it stays true.
-    Chosen by measurement (README): on fake_and_real_sushi with the CPU recipe's checkpoint a gain per band
+    Chosen by measurement (docs/results.md, "Calibration with measured points"): on fake_and_real_sushi with the CPU recipe's checkpoint a gain per band
     fitted on the points lost 5-6 dB PSNR at one point and 1.7 dB at 25, and a weaker ridge (1 or 4 points'
     worth) lost up to 3 dB at 2-5 points; this form moves PSNR by -0.6..+0.3 dB and lowers SAM and MRAE.
     Returns the corrected cube clamped to [0, 1]; paste puts the measured spectra at their own pixels."""
@@ -230,7 +231,8 @@ def write_outputs(out: Path, pred: torch.Tensor, srf: torch.Tensor, target: torc
     """Cube (.npy, .mat, and with envi ENVI .hdr + .img), RGB preview, and for a known target: per-pixel
     RMSE map and spectral curves."""
     out.mkdir(parents=True, exist_ok=True)
-    # (H, W, 31), the on-disk layout, made so once: np.save of the permuted view took 110 ms, of a copy 7 ms
+    # (H, W, 31), the on-disk layout, made contiguous once: np.save of a permuted view is much slower than of a
+    # copy (docs/performance.md, "Writing the cube")
     cube = np.ascontiguousarray(pred.permute(1, 2, 0).numpy())
     data.save_cube(out / "cube", cube)
     if envi:

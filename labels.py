@@ -56,7 +56,7 @@ def make_label_sets(scenes: dict[str, np.ndarray], ratio: float, seed: int, srf:
     """The fixed labelled pixels of every training scene as the checkpoint keeps them: coords (k, 2), their
     spectra and RGB; at ratio 1 (image-level supervision: every pixel) only the rule and the scene's size,
     {"every_pixel": (H, W)}, which expand_label_sets turns back into the pixels, so that a checkpoint does not
-    carry every training spectrum (~0.8 GB for the 20 CAVE training scenes, rewritten every epoch)."""
+    carry every training spectrum (all of CAVE's 20 training cubes, rewritten every epoch)."""
     if ratio >= 1:
         return {name: {"every_pixel": torch.tensor(hsi.shape[:2])} for name, hsi in scenes.items()}
     labels = {}

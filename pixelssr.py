@@ -15,9 +15,9 @@ What is here, in reading order (the paper's sections and equations):
   - PromptSSMU, the U-shaped body of three PromptSSMs                Sec. 3.2.2, Eq. (8)-(9)
   - DyProMamba, the network: DRPN, a body (PromptSSMU or one of backbones.py's, Table 2), the output layer
   - losses                                                           Supp. Sec. 7, Eq. (14)-(15)
-  - metrics: rmse, psnr, psnr_bandwise, ssim, sam (and mrae, NTIRE's)  Supp. Sec. 6, Eq. (10)-(13)
-The FRFT lives in frft.py, the selective scan (M_scan, SS2D) in ssm.py, and the other bodies of the
-universal paradigm (Sec. 4.3, Table 2: MST++, HSCNN+) in backbones.py.
+  - metrics: rmse, psnr, psnr_bandwise, ssim, sam (and mrae, NTIRE's)  Supp. Sec. 6, Eq. (10)-(13), metrics.py
+The FRFT lives in frft.py, the selective scan (M_scan, SS2D) in ssm.py, the metrics in metrics.py (named
+here too), and the other bodies of the universal paradigm (Sec. 4.3, Table 2: MST++, HSCNN+) in backbones.py.
 
 Glossary (code name = paper symbol):
   rgb        = X, the RGB image (b, 3, h, w)            points = Y_g^p, Gamma point spectra (b, 31, h, w)
@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from frft import frft2
+from metrics import MRAE_EPS, channel_ssim, mrae, psnr, psnr_bandwise, rmse, sam, ssim  # noqa: F401 (the public names)
 from ssm import SS2D
 
 
@@ -48,7 +49,7 @@ from ssm import SS2D
 class Config:
     bands: int = 31                 # 400-700 nm in 10 nm steps, the CAVE / NTIRE convention
     width: int = 40                 # C, feature width of DRPN and level 0 (paper Sec. 4.1: B = 40)
-    d_state: int = 8                # n of the PromptSSM scans; not Mamba's 16, which is 34 % over the paper's MACs
+    d_state: int = 8                # n of the PromptSSM scans; Mamba's 16 is far over the paper's MACs (Table 10)
     expand: int = 2                 # SS2D inner width E = expand * width in the PromptSSMs, as VMamba
     drpn_d_state: int = 4           # DRPN scans are light: the paper's whole DRPN is ~0.05 M params
     drpn_expand: int = 1            # idem
@@ -69,7 +70,7 @@ class Config:
     h2r: bool = True                # build M_H2R, the training-only head of L_P2I; train.py turns it off with that term
     # the output layer (see DyProMamba.head): "abs" = |conv3(.)|, non-negative as spectra are, yet never
     # saturated (its gradient is +-1 everywhere) and blind to the sign a band's weights happen to take;
-    # "linear" = the paper's bare conv3, whose bands trained networks flipped (README, "What training fixes")
+    # "linear" = the paper's bare conv3, whose bands trained networks flipped (docs/results.md, "What training fixes")
     output: str = "abs"
     # "rootpoly" (opt-in, beyond the paper): Y^r = |M(X) + g * correction|, M the root-polynomial map
     # fitted on the run's labelled pixels (a (6, 31) buffer, saved with the weights), g a per-band gate
@@ -211,8 +212,8 @@ class SpectralAttention(nn.Module):
 
     As the paper says: a linear layer, then three 3x3 convolutions give Q, K and V. We make the 3x3
     convolutions depthwise (as Restormer and MST++ do): full 3x3 convs would cost 9.C^2 MACs per pixel
-    each, 8.3 G MACs for the whole model at 128x128 against the paper's 4.65 G (Table 10); with
-    depthwise ones it is 5.9 G (python bench.py --only model).
+    each, far over the paper's 4.65 G for the whole model at 128x128 (Table 10; the counts: `python bench.py
+    --only bodies`, docs/performance.md, "Parameters and MACs").
     In MST's channel-first layout Eq. (9) reads out = (P_spe @ A) @ v with A = softmax(sigma . k^ q^T)
     over its last dim; P_spe and A are both row-stochastic, so their product still mixes channels
     with weights that sum to one.
@@ -472,7 +473,8 @@ def pixel_ssr_loss(model: DyProMamba, rgb: torch.Tensor, hsi: torch.Tensor, y3: 
     """L = L_pHSI + 1.L_rep + 0.3.L_SSIM + 0.3.L_P2I, Eq. (14)-(15).
 
     The terms are the paper's. On the default |.| output (DyProMamba.head) L_SSIM can no longer hold a
-    band inverted: on the paper's bare conv its gradient pushed flipped bands further down (README).
+    band inverted: on the paper's bare conv its gradient pushed flipped bands further down (docs/results.md,
+    "What training fixes").
 
     rgb (b, 3, h, w); hsi = Y^r and y3 = Y3 (b, 31, h, w); target (b, 31, h, w), read only where
     mask (b, 1, h, w, bool) is set; srf (3, 31); weights: the terms' weights (default LOSS_WEIGHTS; its
@@ -492,7 +494,7 @@ def pixel_ssr_loss(model: DyProMamba, rgb: torch.Tensor, hsi: torch.Tensor, y3: 
     if weights["rep"]:
         terms["rep"] = (rgb - torch.einsum("cn,bnhw->bchw", srf, hsi)).abs().mean()  # Eq. (14), L_rep = |X - S.Y^r|
     if weights["ssim"]:
-        terms["ssim"] = 1 - _ssim(hsi[:, :-1], hsi[:, 1:]).mean()  # Eq. (14), L_SSIM over adjacent bands (i, i+1)
+        terms["ssim"] = 1 - channel_ssim(hsi[:, :-1], hsi[:, 1:]).mean()  # Eq. (14), L_SSIM over adjacent bands (i, i+1)
     if weights["p2i"]:
         if model.h2r is None:
             raise ValueError("L_P2I needs M_H2R, which this model does not have (no DRPN, or built without it)")
@@ -500,124 +502,3 @@ def pixel_ssr_loss(model: DyProMamba, rgb: torch.Tensor, hsi: torch.Tensor, y3: 
     if weights["smooth"]:  # spectra are smooth and non-negative: mean (Y_{i+1} - Y_i)^2 + mean max(0, -Y)
         terms["smooth"] = (hsi[:, 1:] - hsi[:, :-1]).square().mean() + F.relu(-hsi).mean()
     return sum(weights[k] * v for k, v in terms.items()), terms
-
-
-# -----------------------------------------------------------------------------
-# Metrics (supplementary Sec. 6). Every metric clamps pred to [0, 1], as evaluation on whole images
-# does, accepts (31, h, w) or (b, 31, h, w) and returns the mean over images of the per-image value.
-
-def _batched(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pred clamped to [0, 1], target), as (b, c, h, w). The clamp is a full-size copy (20 ms of a 512x512
-    float64 cube, once per metric): only when pred leaves [0, 1], which one pass of aminmax (3.5 ms) tells."""
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    lo, hi = torch.aminmax(pred)
-    if lo < 0 or hi > 1:
-        pred = pred.clamp(0, 1)
-    return (pred[None], target[None]) if pred.dim() == 3 else (pred, target)
-
-
-def _gaussian_window(size: int, sigma: float, dtype, device) -> torch.Tensor:
-    g = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
-    g = torch.exp(-g * g / (2 * sigma * sigma))
-    return g / g.sum()  # (size,): the 2-D window is its outer product with itself
-
-
-def _gaussian_sums(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Window sums of (b, c, h, w) maps under the 2-D window g gᵀ over the valid region -> (b, c, h', w').
-
-    float32 (the training loss, with gradients): one depthwise convolution, which oneDNN runs fast.
-    float64 (the metrics): PyTorch's CPU float64 depthwise convolution is slow (an 11x11 one took 1.4 s
-    per map of a 512x512 cube, so 7 s per SSIM), so the separable window's sums are taken as 11 shifted,
-    weighted slices per axis (see ssim for the time)."""
-    s = g.numel()
-    if t.dtype != torch.float64:
-        return F.conv2d(t, (g[:, None] * g[None, :]).expand(t.shape[1], 1, s, s), groups=t.shape[1])
-    h, w = t.shape[-2] - s + 1, t.shape[-1] - s + 1
-    cols = t[..., :h, :] * g[0]                                          # (b, c, h', w)
-    for k in range(1, s):
-        cols.add_(t[..., k:k + h, :], alpha=float(g[k]))
-    out = cols[..., :w] * g[0]                                           # (b, c, h', w')
-    for k in range(1, s):
-        out.add_(cols[..., k:k + w], alpha=float(g[k]))
-    return out
-
-
-def _ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Per-channel SSIM of (b, c, h, w) maps -> (b, c): Wang et al. 2004 with an 11x11 Gaussian
-    window (sigma 1.5), K1 = 0.01, K2 = 0.03, averaged over the valid region (no padding), as in
-    Wang's reference code. Images smaller than 11 pixels use a window as large as they allow."""
-    size = min(11, *x.shape[-2:])
-    g = _gaussian_window(size, 1.5, x.dtype, x.device)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mx, my = _gaussian_sums(x, g), _gaussian_sums(y, g)
-    # SSIM needs the variances only as their sum, σx² + σy²: one window sum of x² + y², not two (-14 % time)
-    sxx_syy = _gaussian_sums(x * x + y * y, g) - mx * mx - my * my
-    sxy = _gaussian_sums(x * y, g) - mx * my
-    smap = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx_syy + c2))
-    return smap.mean((-2, -1))
-
-
-def rmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Root mean squared error over the whole cube, Eq. (10)."""
-    p, t = _batched(pred, target)
-    return ((p - t) ** 2).mean((1, 2, 3)).sqrt().mean()
-
-
-def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB with peak 1 from the MSE over the whole cube, per image, then averaged.
-
-    This is the common "cube" PSNR; the paper's Eq. (11) is garbled. Infinite for identical images.
-    """
-    p, t = _batched(pred, target)
-    return (10 * torch.log10(1 / ((p - t) ** 2).mean((1, 2, 3)))).mean()
-
-
-def psnr_bandwise(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """PSNR per band (peak 1), averaged over bands and images: the other convention papers report."""
-    p, t = _batched(pred, target)
-    return (10 * torch.log10(1 / ((p - t) ** 2).mean((2, 3)))).mean()
-
-
-# pixels per block of bands in ssim: 4 bands of a 512x512 cube (8 MB per float64 map). On a 2-core CPU
-# blocks of 1, 2 and 4 such bands took 0.18-0.19 s per cube, of 8 bands 0.21 s, all 31 at once 0.35-0.49 s
-# (with five window sums; since the variances' sum is one, 14 % less)
-SSIM_BLOCK = 2 ** 20
-
-
-def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """SSIM per band (Gaussian 11 / sigma 1.5, data range 1, valid region), mean over bands, Eq. (12).
-    Taken a few bands at a time, about SSIM_BLOCK pixels over the batch, each band contiguous (a cube read
-    from disk is (H, W, 31)): the float64 window sums (_gaussian_sums) pass over their maps 22 times, and
-    a block that stays in the CPU's cache takes under half the time of a 512x512 cube at once (0.17 s
-    against 0.38 s)."""
-    p, t = (x.contiguous() for x in _batched(pred, target))
-    step = max(1, SSIM_BLOCK // (p.shape[0] * p.shape[-2] * p.shape[-1]))
-    return torch.cat([_ssim(p[:, i:i + step], t[:, i:i + step]) for i in range(0, p.shape[1], step)], 1).mean()
-
-
-def sam(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Spectral angle in degrees per pixel, mean over pixels, Eq. (13). A pixel that is zero in both
-    pred and target has angle 0 (they agree); a zero pixel in one of them only, 90 (eps keeps the
-    division finite and the cosine 0). Computed in float64: near cos = 1, acos of a float32 cosine
-    cannot resolve angles below ~0.02 degrees."""
-    p, t = _batched(pred.double(), target.double())
-    pn, tn = (p * p).sum(1).sqrt(), (t * t).sum(1).sqrt()  # not .norm(dim=1): 4x as slow over bands
-    cos = torch.where((pn == 0) & (tn == 0), 1.0, (p * t).sum(1) / (pn * tn).clamp_min(eps))
-    return torch.rad2deg(torch.acos(cos.clamp(-1, 1))).mean().to(pred.dtype)
-
-
-MRAE_EPS = 1e-3  # the zero guard of mrae: a quarter of one 8-bit step (1/255)
-
-
-def mrae(pred: torch.Tensor, target: torch.Tensor, eps: float = MRAE_EPS) -> torch.Tensor:
-    """Mean relative absolute error, the NTIRE challenges' primary metric: mean over pixels and bands of
-    |pred - target| / max(target, eps), per image, then averaged.
-
-    The guard: NTIRE's scoring divides by target + machine epsilon, which leaves a zero target's error
-    ~1e16 times too large. Its float cubes hold no exact zeros, but copies of CAVE quantised to 8 bits
-    do (2.9 % of fake_and_real_sushi's values), and one of them would outweigh the whole image.
-    eps = 1e-3 is below the smallest non-zero 8-bit value (1/255), so every non-zero value of such data
-    is divided by itself, and a zero one by 1e-3."""
-    p, t = _batched(pred, target)
-    return ((p - t).abs() / t.clamp_min(eps)).mean((1, 2, 3)).mean()

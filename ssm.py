@@ -104,7 +104,8 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 # step of every chunk is a plain strided view (no copies), and the state is (b, K, g, n, d/g), channels
 # innermost. The contractions (y = Cᵀh and Σ_n B·ĝ over n; ∂C = h·dy and ∂B = ĝ·Δu over d) are a product
 # into one preallocated state-sized buffer and a sum written straight into the output's step: as batched
-# matmuls of (1, n) x (n, d/g) matrices they took 3x as long at n = 4 (the DRPN's scans), and as long at n = 8.
+# matmuls of (1, n) x (n, d/g) matrices they are slower at these small n (docs/performance.md, "The selective
+# scan on a CPU").
 
 _STATE_FLOATS = 2 ** 19          # on a CPU, target size of one step's state (b, K, d, n): 2 MB of float32
 _SUB = 16                        # steps between kept states; the backward holds 2·_SUB states at once
@@ -144,8 +145,8 @@ def _scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
 
     # The loops below update preallocated tensors in place: a fresh ~1 MB tensor per step would cost
     # more than the arithmetic (the allocator hands such blocks back to the OS, and every reuse page-faults).
-    # Δ·u too is taken a step at a time: as one tensor it would be another full-size (b, l, d) temporary.
-    # (Passes (1) and (3) both form it, one small product per step more; the scan's forward time did not move.)
+    # Δ·u too is taken a step at a time: as one tensor it would be another full-size (b, l, d) temporary
+    # (passes (1) and (3) both form it: one small product per step more).
     h = A2.new_zeros(b, K, g, n, dg)                                   # the state
     a, prod = torch.empty_like(h), torch.empty_like(h)                 # its decay; a product before its sum
     dtu = u.new_empty(b, K, g, 1, dg)                                  # Δ_t·u_t
@@ -170,8 +171,8 @@ def _scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         torch.sum(torch.mul(C_t, h, out=prod), -2, out=y[:, :, t])  # (b, K, g, d/g)  Σ_n C·h
     last = h[:, -1].transpose(-1, -2).reshape(b, d, n)          # a copy
     y = y.view(b, l, d)
-    # the skip D·u, added into y: as y + D·u outside the scan it took another full-size tensor
-    # (an SS2D at 512x512, E = 80: a live peak of 1.7 GB, now 1.4)
+    # the skip D·u, added into y: as y + D·u outside the scan it would take another full-size tensor
+    # (docs/performance.md, "SS2D memory")
     if D is not None:
         y.addcmul_(u, D)
     return y, last, kept
@@ -312,8 +313,8 @@ def _selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     u_p, delta_p, B_p, C_p = ((F.pad(x, (0,) * (2 * x.dim() - 3) + (pad,)) if pad else x).contiguous()
                               for x in (u.transpose(1, 2), delta.transpose(1, 2), B4.permute(0, 3, 1, 2),
                                         C4.permute(0, 3, 1, 2)))
-    # the states the backward restarts from, only if there will be one (at 512x512 they were 170 MB per
-    # scan of the body's first level, E = 80 and n = 8, for nothing)
+    # the states the backward restarts from, only if there will be one: at inference they would be a
+    # full-size (b, K, d, n) per sub-block kept for nothing
     keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (u_p, delta_p, A, B_p, C_p, D))
     y, last = _ChunkedScan.apply(u_p, delta_p, A.contiguous(), B_p, C_p, D, K, keep)
     y = y[:, :l].transpose(1, 2)                                 # (b, d, l)
@@ -368,7 +369,7 @@ class SS2D(nn.Module):
         hh, ww = x.shape[-2:]
         inp = x.permute(0, 2, 3, 1)                                           # (b, h, w, dim)
         # in_proj's two halves applied apart (it has no bias), so that z is made only where it gates and the
-        # scans do not hold it: at inference 84 MB at 512x512 and E = 80, twice that as one 2E-channel output
+        # scans do not hold it (docs/performance.md, "SS2D memory")
         w_x, w_z = self.in_proj.weight.chunk(2)                               # (E, dim) each
         x = F.silu(self.conv(F.linear(inp, w_x).permute(0, 3, 1, 2))).permute(0, 2, 3, 1)   # (b, h, w, E)
         if self.paired(x):
@@ -384,9 +385,8 @@ class SS2D(nn.Module):
     def paired(x: Tensor) -> bool:
         """Whether forward scans the routes two at a time (two scan calls) rather than all four in one.
         Only at inference on a CPU, where autograd keeps none of the scan's full-size tensors, so pairs
-        halve them (with z made late: eval of a 512x512 scene, peak RSS 2.8-3.4 -> 2.0-2.6 GB), and cost no
-        time: a CPU scan's step count is set by its ~2 MB state (selective_scan_chunks), not by the number
-        of routes. On a GPU the step count is set by l, so two calls would launch twice the kernels."""
+        halve them (docs/performance.md, "SS2D memory"), and cost no time: a CPU scan's step count is set by
+        its ~2 MB state (selective_scan_chunks), not by the number of routes. On a GPU the step count is set by l, so two calls would launch twice the kernels."""
         return not torch.is_grad_enabled() and x.device.type == "cpu"
 
     @staticmethod
