@@ -39,6 +39,7 @@ class UsageError(Exception):
 # devices and seeds
 
 def pick_device(name: str) -> torch.device:
+    """--device: "auto" (the GPU where there is one, else the CPU), or a torch device that exists here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -80,10 +81,20 @@ def keep_freed_cpu_memory() -> None:
 # checkpoints
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """Write a checkpoint so that a run killed mid-write never leaves a broken file behind."""
+    """Write a checkpoint so that a run killed mid-write never leaves a broken file behind: to a temporary
+    file, then renamed over the old one. A write that fails (a full disk, no permission) removes the
+    temporary file, keeps the last good checkpoint, and is a UsageError naming the folder."""
     tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a short write as a RuntimeError from its zip writer
+        tmp.unlink(missing_ok=True)
+        then = (f"{path.name} keeps the last good state: free space or fix the folder's permissions, then "
+                f"continue with --resume" if path.exists() else "free space or fix the folder's permissions, then "
+                f"run again")
+        raise UsageError(f"{path.parent}: could not write {path.name} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no detail'}); {then}.") from None
 
 CHECKPOINT_KEYS = ("model_config", "train_config", "model", "optimizer", "step", "total_steps", "best_psnr",
                    "data", "split", "labels", "gamma")

@@ -148,7 +148,7 @@ def fit_on(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> Path
             print(UNSUPERVISED_WARNING)
         if ckpt is not None:
             drop_log_after(out / "log.jsonl", run["step"])  # the steps after last.pt are redone
-    log = open(out / "log.jsonl" if ranks.main else os.devnull, "a")
+    log = open(out / "log.jsonl" if ranks.main else os.devnull, "a", buffering=1)  # line-buffered: each step lands
     budget = Budget(cfg.max_minutes, sized=cfg.max_minutes > 0 and not args.epochs_given and ckpt is None)
     pbar = tqdm(total=run["total_steps"], initial=run["step"], dynamic_ncols=True, disable=not ranks.main)
     first = run["step"]
@@ -201,7 +201,6 @@ def validation(judged, val_scenes: dict, srf: torch.Tensor, cfg: "TrainConfig", 
     """Log the validation PSNR at this step (a learning curve) and keep the best state as best.pt."""
     psnr = validate(judged, val_scenes, srf, cfg, gamma, points)
     log.write(json.dumps({"step": run["step"], "val_psnr": psnr}) + "\n")
-    log.flush()
     if psnr > run["best_psnr"]:
         run["best_psnr"] = psnr
         save_atomic(checkpoint(run, model, optimizer, ema), out / "best.pt")
