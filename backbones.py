@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from maektsr import MAEKTSR
 from pixelssr import FFN, Config, DyProMamba, LayerNorm2d, PromptSSMU, channel_attention
 
 
@@ -178,7 +179,7 @@ class HSCNNPlus(nn.Module):
 
 
 # cfg.backbone -> the body class that pixelssr.DyProMamba(cfg, body=...) builds (--backbone, Table 2)
-BODIES = {"dypro": PromptSSMU, "mst++": MSTPlusPlus, "hscnn+": HSCNNPlus}
+BODIES = {"dypro": PromptSSMU, "mst++": MSTPlusPlus, "hscnn+": HSCNNPlus, "maektsr": MAEKTSR}
 # the bodies' own parameter counts in their papers (MST++: its Table 1; HSCNN+: the MST++ paper's table at
 # its 30 blocks), published for RGB input: checked by the tests, printed by bench.py
 PAPER_PARAMS = {"mst++": 1.62e6, "hscnn+": 4.65e6}

@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import backbones
 import cameras
 import evaluate
+import maektsr
 import pixelssr as P
 import runs
 import train
@@ -276,7 +277,32 @@ def bench_bodies(device: torch.device) -> None:
             model = backbones.network(P.Config(backbone=name, use_drpn=use_drpn, h2r=False)).to(device).eval()
             with torch.no_grad():
                 row += [sum(p.numel() for p in model.parameters()) / 1e6, macs(lambda: model(rgb, pts)) / 1e9]
-        print(f"{name:<8}{row[0]:>10.3f}{row[1]:>9.2f}{row[2]:>12.3f}{row[3]:>9.2f}{TABLE_10[name][0]:>9.2f}{TABLE_10[name][1]:>9.2f}")
+        paper = "".join(f"{v:>9.2f}" for v in TABLE_10[name]) if name in TABLE_10 else f"{'-':>9}{'-':>9}"
+        print(f"{name:<8}{row[0]:>10.3f}{row[1]:>9.2f}{row[2]:>12.3f}{row[3]:>9.2f}{paper}")
+    bench_maektsr(device, rgb, pts)
+
+
+def bench_maektsr(device: torch.device, rgb: torch.Tensor, pts: torch.Tensor) -> None:
+    """MAE-KTSR's two stages at 1x3x128x128 (its paper's sizes are not public): S2-MAE in pre-training (the
+    loss of one batch of 1, default masks), and stage 2 with the DRPN as fit builds it: all parameters, the
+    trainable ones (the encoder frozen), and the CNN alone (--no-isff)."""
+    torch.manual_seed(0)
+    mae = maektsr.S2MAE().to(device)
+    hsi = torch.rand(1, 31, 128, 128, device=device)
+    keep = maektsr.draw_mask(mae.cfg, 1, 256, torch.Generator().manual_seed(0)).to(device)
+    srf = torch.full((3, 31), 1 / 31, device=device)
+    with torch.no_grad():
+        pre = macs(lambda: mae.loss(hsi, hsi[:, :3], srf, keep)) / 1e9
+    print(f"S2-MAE pre-training: {sum(p.numel() for p in mae.parameters()) / 1e6:.3f} M parameters (encoder "
+          f"{sum(p.numel() for p in mae.encoder.parameters()) / 1e6:.3f} M), {pre:.2f} G MACs a 128x128 crop")
+    for label, cfg in (("stage 2 (DRPN, CNN, ISFF, encoder)", P.Config(backbone="maektsr", h2r=False)),
+                       ("stage-2 CNN alone (--no-isff)", P.Config(backbone="maektsr", use_isff=False, h2r=False))):
+        model = backbones.network(cfg).to(device).eval()
+        with torch.no_grad():
+            g = macs(lambda: model(rgb, pts)) / 1e9
+        n = sum(p.numel() for p in model.parameters()) / 1e6
+        trains = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+        print(f"{label}: {n:.3f} M parameters, {trains:.3f} M trainable, {g:.2f} G MACs")
 
 
 def bench_model(device: torch.device, batch: int, repeat: int) -> None:

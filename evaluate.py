@@ -28,7 +28,7 @@ import cameras
 import data
 import pixelssr as P
 from labels import expand_label_sets, pixel_coords, scene_seed
-from runs import UsageError, build_model, load_checkpoint, pick_device, seeded
+from runs import UsageError, build_model, load_checkpoint, pick_device, positive, seeded
 
 
 # -----------------------------------------------------------------------------
@@ -352,13 +352,6 @@ REPORT_CONVENTIONS = {
 
 # -----------------------------------------------------------------------------
 # the command line
-
-def positive(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse turns the error into one line and exit code 2)."""
-    if not text.lstrip("+").isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return int(text)
-
 
 def add_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--ckpt", required=True)

@@ -79,7 +79,7 @@ class Config:
     # MAE-KTSR's body only (backbone "maektsr", maektsr.py; not Pixel-SSR's): its Inter-Stage Feature Fusion on or
     # off (--no-isff), and which of the pre-trained S2-MAE encoder's weights train: "all" frozen (the default),
     # "none" frozen, or all but the "last" block frozen (--mae-freeze)
-    isff: bool = True
+    use_isff: bool = True
     mae_freeze: str = "all"
 
 

@@ -21,8 +21,8 @@ import torch
 import cameras
 import data
 import pixelssr as P
-from evaluate import CALIBRATION_METHOD, calibrate, paste, positive, reconstruct, write_outputs
-from runs import build_model, load_checkpoint, pick_device, seeded
+from evaluate import CALIBRATION_METHOD, calibrate, paste, reconstruct, write_outputs
+from runs import build_model, load_checkpoint, pick_device, positive, seeded
 
 CLIPPED = 1 - 0.5 / 255    # a channel this close to full scale recorded more light than it holds
 

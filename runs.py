@@ -8,15 +8,18 @@ the network a checkpoint holds, data-parallel ranks (torchrun), and the CPU allo
   stable_seed, seeded            seeds that are pure functions of their keys, on every machine
   save_atomic, load_checkpoint, build_model   a run's checkpoint: written atomically, read back checked
   keep_freed_cpu_memory          glibc's malloc keeps freed memory for reuse (docs/performance.md)
+  Budget, positive, add_run_flags  what fit and pretrain share: --max-minutes, and the flags of a run
 
 A checkpoint (`fit`'s RUN/last.pt, best.pt) is a dict with CHECKPOINT_KEYS: the model and training
 configs, the weights (and "ema", the weight average, with --ema), Adam's state, the step and schedule,
 the data folder and its split, the run's fixed label sets and its Gamma parameters (docs/design.md).
 """
 
+import argparse
 import ctypes
 import dataclasses
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -100,17 +103,19 @@ CHECKPOINT_KEYS = ("model_config", "train_config", "model", "optimizer", "step",
                    "data", "split", "labels", "gamma")
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A run's checkpoint, on the CPU; a missing, unreadable or foreign file is a UsageError naming it."""
+def load_checkpoint(path: str | Path, keys: tuple[str, ...] = CHECKPOINT_KEYS,
+                    what: str = "pixelssr checkpoint") -> dict:
+    """A checkpoint (a fit run's, or with `keys` and `what` another command's), on the CPU; a missing,
+    unreadable or foreign file is a UsageError naming it."""
     if not Path(path).is_file():
         raise UsageError(f"{path}: no such checkpoint file.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which, not where in the unpickler
-        raise UsageError(f"{path}: not a readable pixelssr checkpoint ({type(e).__name__}).") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        raise UsageError(f"{path}: not a readable {what} ({type(e).__name__}).") from None
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise UsageError(f"{path}: not a pixelssr checkpoint (no {', '.join(missing)}).")
+        raise UsageError(f"{path}: not a {what} (no {', '.join(missing)}).")
     return ckpt
 
 
@@ -204,3 +209,56 @@ def autocast(amp: str, device: torch.device):
       - the losses (train.slice_loss): SSIM's variances are differences of nearly equal means, and L_rep and
         L_P2I means of small differences. The weights, Adam and checkpoints are float32 throughout."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+# -----------------------------------------------------------------------------
+# what fit and pretrain share: the time budget and the flags of a run
+
+class Budget:
+    """Sizes a --max-minutes run's schedule to its budget: after the first steps (which are slow: the
+    allocator and caches warm up) the steps that still fit are re-estimated from the mean step time so
+    far, every step, so the learning rate reaches zero as the time runs out."""
+
+    def __init__(self, minutes: float, sized: bool, skip: int = 3):
+        self.seconds, self.sized, self.skip = minutes * 60, sized, skip
+        self.t0, self.t_skip = time.time(), None
+
+    def total_steps(self, step: int, steps_done: int, total: int) -> int:
+        """steps_done counts the steps of this session; returns the new schedule length."""
+        if not self.sized or steps_done < self.skip:
+            return total
+        now = time.time()
+        if self.t_skip is None:  # first estimate from the first steps, later ones from the steady state
+            self.t_skip, rate = now, (now - self.t0) / steps_done
+        else:
+            rate = (now - self.t_skip) / max(1, steps_done - self.skip)
+        return step + max(0, int((self.seconds - (now - self.t0)) / rate))  # step: no time left, the run ends
+
+    def out_of_time(self) -> bool:
+        return self.seconds > 0 and time.time() - self.t0 > self.seconds
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the error into one line and exit code 2)."""
+    if not text.lstrip("+").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def add_run_flags(f: argparse.ArgumentParser, d, out: str) -> None:
+    """The flags of a training run that fit and pretrain share: its data and split, labels, length, patches,
+    seed, camera response and device; `d` holds the defaults (a TrainConfig or a PretrainConfig)."""
+    f.add_argument("--data", default=None, help="folder of CAVE scenes (PNG folders, .mat or .npy)")
+    f.add_argument("--out", default=out, help="run folder: last.pt, log.jsonl and what the command writes")
+    f.add_argument("--label-ratio", type=float, default=d.label_ratio, help="omega; 0 = unsupervised")
+    f.add_argument("--epochs", type=positive, default=None, help=f"epochs (default {d.epochs})")
+    f.add_argument("--max-minutes", type=float, default=d.max_minutes, help="time budget (CPU users)")
+    f.add_argument("--test-scenes", nargs="*", default=None, help="scenes held out for testing")
+    f.add_argument("--val-scenes", nargs="*", default=None, help="training scenes held out to pick best.pt")
+    f.add_argument("--resume", action="store_true", help="continue RUN/last.pt exactly (its data and settings)")
+    for name in ("batch_size", "patch", "stride"):
+        f.add_argument("--" + name.replace("_", "-"), type=positive, default=getattr(d, name))
+    for name in ("lr", "seed"):
+        f.add_argument("--" + name, type=type(getattr(d, name)), default=getattr(d, name))
+    f.add_argument("--srf", default=d.srf, help="spectral response: cie1964, cie1931, nikon_d700, canon_5dmarkii")
+    f.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

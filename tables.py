@@ -5,9 +5,12 @@
   transform  Table 5: the P_spa branch with the FRFT or the FFT
   points     Table 3: Gamma or Gaussian point spectra at 0.01 / 0.1 / 1 / 10 % labels
   losses     Table 6: Eq. (15) without one term a row
-  paradigm   Table 2: every body (backbones.BODIES) unsupervised, with Pixel-SSR at 0.01 %, supervised
+  paradigm   Table 2: the paper's bodies (dypro, mst++, hscnn+) unsupervised, with Pixel-SSR at 0.01 %, supervised
   modes      Table 2's three supervision modes with DyPro-Mamba
   labels     Tables 7-9: the label ratio
+  maektsr    MAE-KTSR (its abstract's claim): Pixel-SSR, the stage-2 CNN alone, with a random encoder, with
+             S2-MAE pre-trained and ISFF, at 0.01 % labels (pre-trained on the labelled points) and at
+             image level (on the training cubes); --max-minutes is each stage's budget
 
 A row is a label and the fit settings it changes (fit's dests, e.g. use_spa=False); the table's own
 flags and any other fit flag apply to every row. A second call after an interrupted one finishes the cut
@@ -24,8 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import backbones
 import evaluate
+import pretrain
+from runs import positive
+
+PAPER_BODIES = ("dypro", "mst++", "hscnn+")  # Table 2's; backbones.BODIES also holds MAE-KTSR's stage 2
 
 # rows of each table: (label, the fit settings the row changes)
 TABLES = {
@@ -37,11 +43,19 @@ TABLES = {
                for r in (1e-4, 1e-3, 1e-2, 1e-1) for dist in ("gaussian", "gamma")],
     "losses": [(f"w/o L_{t}", {"loss_weights": f"{k}=0"}) for k, t in (("p2i", "P2I"), ("phsi", "pHSI"), ("rep", "rep"),
                                                                       ("ssim", "SSIM"))] + [("all four (Eq. 15)", {})],
-    "paradigm": [(f"{b}, {mode}", {"backbone": b, "label_ratio": r}) for b in backbones.BODIES
+    "paradigm": [(f"{b}, {mode}", {"backbone": b, "label_ratio": r}) for b in PAPER_BODIES
                  for mode, r in (("unsupervised", 0.0), ("+ Pixel-SSR 0.01 %", 1e-4), ("supervised", 1.0))],
     "modes": [("unsupervised (omega = 0)", {"label_ratio": 0.0}), ("pixel-level (omega = 0.01 %)", {"label_ratio": 1e-4}),
               ("image-level (omega = 1)", {"label_ratio": 1.0})],
     "labels": [(f"omega = {r * 100:g} %", {"label_ratio": r}) for r in (1e-4, 1e-3, 1e-2, 1e-1)],
+    # MAE-KTSR's claim: pre-training (stage 1) beats the same stage 2 with a random encoder at equal labels.
+    # "pretrain": the row first pre-trains S2-MAE on that regime's data (pretrain.py), then fits with it.
+    "maektsr": [(f"{name}, {mode}", {"label_ratio": r, **row}) for mode, r, source in
+                (("0.01 %", 1e-4, "points"), ("image level", 1.0, "cubes"))
+                for name, row in (("Pixel-SSR (DyPro-Mamba)", {}),
+                                  ("stage-2 CNN alone", {"backbone": "maektsr", "use_isff": False}),
+                                  ("random encoder + ISFF", {"backbone": "maektsr", "mae_init": "random"}),
+                                  (f"S2-MAE ({source}) + ISFF", {"backbone": "maektsr", "pretrain": source}))],
 }
 TABLE_METRICS = ("psnr", "ssim", "sam", "rmse")
 
@@ -74,7 +88,11 @@ def table(args: argparse.Namespace, fit: Callable, fit_args: Callable) -> dict:
                 if resume:
                     fit(fit_args([], out=str(run), resume=True, max_minutes=args.max_minutes, device=args.device))
                 else:
-                    fit(fit_args(args.fit_args, **shared, **settings, seed=seed, out=str(run)))
+                    fit_settings = {k: v for k, v in settings.items() if k != "pretrain"}
+                    run_args = fit_args(args.fit_args, **shared, **fit_settings, seed=seed, out=str(run))
+                    if "pretrain" in settings:
+                        run_args.mae_ckpt = str(stage_one(run / "pretrain", run_args, settings["pretrain"]))
+                    fit(run_args)
                 evaluate.evaluate(run / "last.pt", run / "eval", seeds=args.eval_seeds, tile=args.tile,
                                   device=args.device)
             ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
@@ -86,6 +104,21 @@ def table(args: argparse.Namespace, fit: Callable, fit_args: Callable) -> dict:
     (out / "table.md").write_text(table_markdown(result))
     print(f"wrote {out / 'table.md'} and {out / 'table.json'}")
     return result
+
+
+def stage_one(out: Path, fit_args: argparse.Namespace, source: str) -> Path:
+    """MAE-KTSR's pre-training for one row and seed, on `source`'s data under the fit's split, labels, seed,
+    camera response, patches and budget; resumed if it was cut short, skipped if its encoder is written."""
+    if (out / "encoder.pt").is_file():
+        return out / "encoder.pt"
+    shared = ("data", "test_scenes", "val_scenes", "label_ratio", "seed", "srf", "max_minutes", "device", "patch",
+              "stride", "batch_size")
+    args = pretrain.pretrain_args([], **{k: getattr(fit_args, k) for k in shared}, source=source, out=str(out),
+                                  resume=(out / "last.pt").is_file())
+    if fit_args.epochs_given:
+        args.epochs, args.epochs_given = fit_args.epochs, True
+    print(f"\n== pre-training S2-MAE ({source}) into {out}")
+    return pretrain.pretrain(args)
 
 
 def table_markdown(result: dict) -> str:
@@ -120,8 +153,8 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--data", default=None, help="folder of scenes (default: the demo scenes)")
     t.add_argument("--out", required=True, help="table folder: a run folder per row and seed, table.md, table.json")
     t.add_argument("--max-minutes", type=float, default=0.0, help="time budget of each run (0: --epochs)")
-    t.add_argument("--seeds", type=evaluate.positive, default=1, help="training seeds per row (mean +- std)")
-    t.add_argument("--eval-seeds", type=evaluate.positive, default=1, help="Gamma draws per scene in each eval")
+    t.add_argument("--seeds", type=positive, default=1, help="training seeds per row (mean +- std)")
+    t.add_argument("--eval-seeds", type=positive, default=1, help="Gamma draws per scene in each eval")
     t.add_argument("--test-scenes", nargs="*", default=None)
     t.add_argument("--tile", type=int, default=0, help="eval tile size (0: whole images, the protocol)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -1,11 +1,13 @@
 """
-Train Pixel-SSR, and the command line of every job: `python train.py [fit|eval|predict|table] ...`.
+Train Pixel-SSR, and the command line of every job: `python train.py [fit|eval|predict|table|pretrain] ...`.
 
   python train.py                                   # built-in demo: short fit on synthetic scenes, then eval
   python train.py fit --data DIR --out RUN [--label-ratio 0.0001] [--epochs N | --max-minutes M] [--resume]
   python train.py eval --ckpt RUN/last.pt --out DIR [--seeds K] [--scenes A B ...]        # evaluate.py
   python train.py predict --ckpt CKPT --rgb IMAGE --out DIR [--points FILE.csv]           # predict.py
   python train.py table NAME --data DIR --out DIR [--max-minutes M] [--seeds K]           # tables.py
+  python train.py pretrain --source points|cubes --data DIR --out PRE  # MAE-KTSR stage 1, pretrain.py
+  python train.py fit --backbone maektsr --mae-ckpt PRE/encoder.pt ...  # its stage 2 (maektsr.py)
 
 This file is the training script, read top to bottom: the run's settings (TrainConfig), the learning
 rate, the training loop (fit), then the pieces of a step, the checks of a run's flags, the command line.
@@ -34,7 +36,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +50,11 @@ import data
 import evaluate
 import pixelssr as P
 import predict
+import pretrain
 import tables
 from labels import PatchDataset, expand_label_sets, gamma_params, make_label_sets
-from runs import (Ranks, UsageError, autocast, keep_freed_cpu_memory, load_checkpoint, save_atomic, seeded,
-                  slice_shares, start_ranks, unwrap)
+from runs import (Budget, Ranks, UsageError, add_run_flags, autocast, keep_freed_cpu_memory, load_checkpoint,
+                  positive, save_atomic, seeded, slice_shares, start_ranks, unwrap)
 
 
 @dataclasses.dataclass
@@ -76,6 +78,8 @@ class TrainConfig:
     exposure: float = 1.0           # > 1: scale each sample's RGB and spectra by a factor in [1/k, k]
     ema: float = 0.0                # > 0: validate, save and evaluate an average of the weights with this decay
     amp: str = "none"               # "bf16": the network's forward under bfloat16 autocast (GPUs; see autocast)
+    mae_init: str = "pretrained"    # --backbone maektsr: its encoder from --mae-ckpt, or "random" (a capacity control)
+    mae_ckpt: str = ""              # the encoder `train.py pretrain` wrote (OUT/encoder.pt)
 
 def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
     """Polynomial decay from cfg.lr to zero with power cfg.lr_power (paper Sec. 4.1), after a linear
@@ -124,6 +128,8 @@ def fit_on(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> Path
     model = backbones.network(mcfg).to(device, memory_format=torch.channels_last)
     if model.prior is not None and ckpt is None:
         model.prior.copy_(torch.from_numpy(root_poly_prior(labels)))
+    if cfg.mae_ckpt and ckpt is None:  # MAE-KTSR's stage 2: the pre-trained encoder, checked (pretrain.py)
+        pretrain.attach_encoder(model.body, cfg.mae_ckpt, split, cfg.srf, labels)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8)
     run = {"model_config": dataclasses.asdict(mcfg), "train_config": dataclasses.asdict(cfg), "step": 0,
            "total_steps": cfg.epochs * steps_per_epoch, "best_psnr": -math.inf, "data": root, "split": split,
@@ -286,37 +292,13 @@ def validate(model, val_scenes: dict, srf: torch.Tensor, cfg: "TrainConfig", gam
     return float(np.mean([evaluate.eval_scene(model, h, srf, cfg.label_ratio, gamma, points, s)[1]["psnr"]
                           for h in val_scenes.values() for s in range(cfg.val_seeds)]))
 
-class Budget:
-    """Sizes a --max-minutes run's schedule to its budget: after the first steps (which are slow: the
-    allocator and caches warm up) the steps that still fit are re-estimated from the mean step time so
-    far, every step, so the learning rate reaches zero as the time runs out."""
-
-    def __init__(self, minutes: float, sized: bool, skip: int = 3):
-        self.seconds, self.sized, self.skip = minutes * 60, sized, skip
-        self.t0, self.t_skip = time.time(), None
-
-    def total_steps(self, step: int, steps_done: int, total: int) -> int:
-        """steps_done counts the steps of this session; returns the new schedule length."""
-        if not self.sized or steps_done < self.skip:
-            return total
-        now = time.time()
-        if self.t_skip is None:  # first estimate from the first steps, later ones from the steady state
-            self.t_skip, rate = now, (now - self.t0) / steps_done
-        else:
-            rate = (now - self.t_skip) / max(1, steps_done - self.skip)
-        return step + max(0, int((self.seconds - (now - self.t0)) / rate))  # step: no time left, the run ends
-
-    def out_of_time(self) -> bool:
-        return self.seconds > 0 and time.time() - self.t0 > self.seconds
-
-
-
 # -----------------------------------------------------------------------------
 # a run's settings: fit's flags, what the checkpoint keeps of them, what --resume may change
 
 # the model Config fields that are fit flags of the same name (the switches as --no-spa etc.); with
 # --points and the loss weights, every ablation of Tables 2-6 is a flag
-MODEL_FLAGS = ("use_spa", "use_hf", "use_spe", "use_prompt_ssm", "use_drpn", "spa_transform", "backbone", "output", "prior")
+MODEL_FLAGS = ("use_spa", "use_hf", "use_spe", "use_prompt_ssm", "use_drpn", "spa_transform", "backbone", "output", "prior",
+               "use_isff", "mae_freeze")
 
 # --resume continues a run with its own settings: a flag that says otherwise is an error, except these,
 # which belong to the session (the time budget, the device), not to the run
@@ -350,10 +332,21 @@ def run_configs(args) -> tuple[TrainConfig, P.Config]:
         weights["p2i"] = 0.0
     if cfg.label_ratio == 0 and "loss_weights" not in args.given:
         weights["smooth"] = UNSUPERVISED_PRIOR
+    check_mae_flags(cfg, args)
     if cfg.label_ratio >= 1 and "points" not in args.given:
         cfg = dataclasses.replace(cfg, points="zeros")
     cfg = dataclasses.replace(cfg, loss_weights=format_weights(weights))
     return cfg, P.Config(points=cfg.points, h2r=weights["p2i"] > 0, **{k: getattr(args, k) for k in MODEL_FLAGS})
+
+def check_mae_flags(cfg: TrainConfig, args) -> None:
+    """MAE-KTSR's stage 2 takes its encoder from --mae-ckpt unless --mae-init random or --no-isff (no encoder)."""
+    wants = args.backbone == "maektsr" and args.use_isff and cfg.mae_init == "pretrained"
+    if wants and not cfg.mae_ckpt:
+        raise ValueError("--backbone maektsr needs --mae-ckpt FILE (train.py pretrain writes OUT/encoder.pt), or "
+                         "--mae-init random for an encoder that is not pre-trained, or --no-isff for the CNN alone.")
+    if cfg.mae_ckpt and not wants:
+        raise ValueError("--mae-ckpt is the encoder of --backbone maektsr with ISFF and --mae-init pretrained; "
+                         "this run has no use for it.")
 
 def flag_name(dest: str) -> str:
     """fit's option for a setting: use_spa -> --no-spa, label_ratio -> --label-ratio."""
@@ -422,19 +415,9 @@ def root_poly_prior(labels: dict) -> np.ndarray:
 def add_arguments(f: argparse.ArgumentParser) -> None:
     """fit's flags; each sets the TrainConfig field, or the pixelssr.Config field, of its dest."""
     d = TrainConfig()
-    positive = evaluate.positive
-    f.add_argument("--data", default=None, help="folder of CAVE scenes (PNG folders, .mat or .npy)")
-    f.add_argument("--out", default="runs/pixelssr", help="run folder: last.pt, best.pt, log.jsonl")
-    f.add_argument("--label-ratio", type=float, default=d.label_ratio, help="omega; 0 = unsupervised")
-    f.add_argument("--epochs", type=positive, default=None, help=f"epochs (default {d.epochs})")
-    f.add_argument("--max-minutes", type=float, default=d.max_minutes, help="time budget (CPU users)")
-    f.add_argument("--test-scenes", nargs="*", default=None, help="scenes held out for testing")
-    f.add_argument("--val-scenes", nargs="*", default=None, help="training scenes held out to pick best.pt")
-    f.add_argument("--resume", action="store_true", help="continue RUN/last.pt exactly (its data and settings)")
-    for name in ("batch_size", "patch", "stride", "lr", "lr_power", "seed", "val_seeds"):
-        kind = positive if name in ("batch_size", "patch", "stride", "val_seeds") else type(getattr(d, name))
-        f.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name))
-    f.add_argument("--srf", default=d.srf, help="spectral response: cie1964, cie1931, nikon_d700, canon_5dmarkii")
+    add_run_flags(f, d, out="runs/pixelssr")
+    f.add_argument("--lr-power", type=float, default=d.lr_power)
+    f.add_argument("--val-seeds", type=positive, default=d.val_seeds)
     f.add_argument("--points", default=d.points, choices=["gamma", "gaussian", "zeros"])
     for name in ("val_every", "warmup"):
         f.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
@@ -450,19 +433,26 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     add_model_flags(f)
     f.add_argument("--amp", default=d.amp, choices=["none", "bf16"],
                    help="bf16: the forward under bfloat16 autocast (GPUs), scan, FRFT and losses in float32")
-    f.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def add_model_flags(f: argparse.ArgumentParser) -> None:
     """fit's flags for the network (Tables 2, 4 and 5); each sets the pixelssr.Config field of its dest."""
     f.add_argument("--backbone", default=P.Config.backbone, choices=list(backbones.BODIES),
-                   help="the body after the DRPN (Table 2): dypro (the paper's), mst++ or hscnn+")
+                   help="the body after the DRPN (Table 2): dypro (the paper's), mst++, hscnn+, or maektsr "
+                        "(MAE-KTSR's stage 2, pretrain.py)")
     for name, what in (("spa", "P_spa, the Spa-FRFT prompt"), ("hf", "P_hf, the Spa-HF prompt"),
                        ("spe", "P_spe, the spectral prompt"), ("prompt_ssm", "the PromptSSMs' prompted attention"),
                        ("drpn", "the whole DRPN (Y3 = the point cube; no L_P2I)")):
         f.add_argument(flag_name("use_" + name), dest="use_" + name, action="store_false", help=f"Table 4: without {what}")
     f.add_argument("--spa-transform", default=P.Config.spa_transform, choices=["frft", "fft"],
                    help="Table 5: the transform of the P_spa branch")
+    f.add_argument("--no-isff", dest="use_isff", action="store_false",
+                   help="maektsr: without the Inter-Stage Feature Fusion (and its encoder): the stage-2 CNN alone")
+    f.add_argument("--mae-ckpt", default=TrainConfig.mae_ckpt, help="maektsr: the encoder train.py pretrain wrote")
+    f.add_argument("--mae-init", default=TrainConfig.mae_init, choices=["pretrained", "random"],
+                   help="maektsr: the encoder from --mae-ckpt, or random (the same network, not pre-trained)")
+    f.add_argument("--mae-freeze", default=P.Config.mae_freeze, choices=["all", "none", "last"],
+                   help="maektsr: which encoder weights stay frozen: all (default), none, all but the last block")
 
 
 def fit_parser() -> argparse.ArgumentParser:
@@ -518,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(sub.add_parser("fit", help="train on a folder of scenes (no --data: the built-in demo scenes)"))
     evaluate.add_arguments(sub.add_parser("eval", help="full-image metrics on test scenes"))
     predict.add_arguments(sub.add_parser("predict", help="reconstruct a cube from your own RGB image"))
+    pretrain.add_arguments(sub.add_parser("pretrain", help="MAE-KTSR stage 1: pre-train S2-MAE for --backbone maektsr"))
     t = sub.add_parser("table", help="run one of the paper's tables (every row a fit and an eval) and write table.md",
                        allow_abbrev=False,  # --seed is a fit flag, not short for --seeds
                        epilog="Any other fit flag (e.g. --patch 64 --lr 2e-3 --epochs 200) is passed to every run.")
@@ -535,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             tables.table(tables.parse(t, argv[1:], fit_args), fit, fit_args)
         else:
             args = ap.parse_args(argv)
-            {"eval": evaluate.run, "predict": predict.run}[args.cmd](args)
+            {"eval": evaluate.run, "predict": predict.run, "pretrain": pretrain.run}[args.cmd](args)
     except (UsageError, ValueError) as e:  # bad input: one sentence, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
