@@ -416,7 +416,8 @@ def main() -> None:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"pixelssr bench on {name}, torch {torch.__version__}")
+    where = runs.provenance(device)
+    print(f"pixelssr bench on {name}, torch {torch.__version__}, code {where['commit']}: {where['command']}")
     run = {"scan": lambda: bench_scan(device), "chunks": lambda: bench_chunks(device, args.batch, args.repeat),
            "frft": lambda: bench_frft(device), "bodies": lambda: bench_bodies(device),
            "model": lambda: bench_model(device, args.batch, args.repeat),

@@ -8,6 +8,7 @@ steps) through a 3x31 spectral response S; the same S drives L_rep (Eq. (14)).
   - responses S by name (CIE 1964 / 1931 observers, two cameras)   srf_matrix, SRF_TABLES
   - X = S.Y for numpy (H, W, 31) and torch (b, 31, h, w)            rgb_from_hsi
   - a photo's sRGB to and from linear light and the model's RGB    srgb_to_linear, linear_srgb, model_rgb_from_srgb
+  - a cube as a screen shows it (eval's and predict's preview.png)  srgb_encode, srgb_preview
   - the 24 ColorChecker reflectances (the demo scenes' materials)   COLORCHECKER
 
 Glossary: hsi = Y (..., 31); rgb = X = S.Y; srf = S, (3, 31), rows summing to 1.
@@ -70,6 +71,18 @@ def linear_srgb(hsi: np.ndarray) -> np.ndarray:
     xyz = np.asarray(hsi, dtype=np.float64) @ np.clip(np.array(SRF_TABLES["cie1931"]), 0, None)
     white = _SRGB_FROM_XYZ @ np.clip(np.array(SRF_TABLES["cie1931"]), 0, None).sum(0)
     return (xyz @ _SRGB_FROM_XYZ.T) / white
+
+def srgb_encode(linear: np.ndarray) -> np.ndarray:
+    """The sRGB transfer curve (IEC 61966-2-1), the inverse of srgb_to_linear: linear light, clipped to
+    [0, 1] -> encoded values in [0, 1]."""
+    a = np.clip(np.asarray(linear, dtype=np.float64), 0, 1)
+    return np.where(a <= 0.0031308, 12.92 * a, 1.055 * a ** (1 / 2.4) - 0.055).astype(np.float32)
+
+def srgb_preview(hsi: np.ndarray, exposure: float = 1.0) -> np.ndarray:
+    """What a cube (..., 31) looks like on a screen: its linear sRGB under flat light, divided by the
+    exposure factor a photo was brought to the training level by (predict), then sRGB-encoded -> (..., 3).
+    Not S.Y: the model's response (CIE XYZ by default) shown as if it were sRGB gives wrong colours."""
+    return srgb_encode(linear_srgb(hsi) / exposure)
 
 def model_rgb_from_srgb(srf="cie1964") -> np.ndarray:
     """(3, 3) M taking a white-balanced photo's linear sRGB to the RGB the model was trained on, S.Y.

@@ -28,7 +28,7 @@ import cameras
 import data
 import pixelssr as P
 from labels import expand_label_sets, pixel_coords, scene_seed
-from runs import UsageError, build_model, load_checkpoint, pick_device, positive, seeded
+from runs import UsageError, build_model, load_checkpoint, pick_device, positive, provenance, seeded
 
 
 # -----------------------------------------------------------------------------
@@ -226,10 +226,10 @@ def calibration_line(cal: dict) -> str:
 # -----------------------------------------------------------------------------
 # eval
 
-def write_outputs(out: Path, pred: torch.Tensor, srf: torch.Tensor, target: torch.Tensor | None = None,
-                  envi: bool = False) -> None:
-    """Cube (.npy, .mat, and with envi ENVI .hdr + .img), RGB preview, and for a known target: per-pixel
-    RMSE map and spectral curves."""
+def write_outputs(out: Path, pred: torch.Tensor, target: torch.Tensor | None = None, envi: bool = False,
+                  exposure: float = 1.0) -> None:
+    """Cube (.npy, .mat, and with envi ENVI .hdr + .img), its sRGB preview (at the photo's own exposure:
+    cameras.srgb_preview), and for a known target: per-pixel RMSE map and spectral curves."""
     out.mkdir(parents=True, exist_ok=True)
     # (H, W, 31), the on-disk layout, made contiguous once: np.save of a permuted view is much slower than of a
     # copy (docs/performance.md, "Writing the cube")
@@ -237,7 +237,7 @@ def write_outputs(out: Path, pred: torch.Tensor, srf: torch.Tensor, target: torc
     data.save_cube(out / "cube", cube)
     if envi:
         data.save_envi(out / "cube", cube)
-    data.save_png(out / "preview.png", cameras.rgb_from_hsi(cube, srf.numpy()))
+    data.save_png(out / "preview.png", cameras.srgb_preview(cube, exposure))
     H, W = cube.shape[:2]
     pix = [(H // 2, W // 2), (H // 4, W // 4), (3 * H // 4, W // 4), (H // 4, 3 * W // 4), (3 * H // 4, 3 * W // 4)]
     cols, rows = ["wavelength_nm"], [list(cameras.WAVELENGTHS)]
@@ -296,12 +296,13 @@ def evaluate(ckpt_path: str | Path, out: str | Path, root: str | None = None, sc
         baseline = None  # 1 to 5 labelled pixels: too few for the regression's 6 terms
     out = Path(out)
     report = {"checkpoint": str(ckpt_path), "label_ratio": run["label_ratio"],
-              "labelled_pixels": n_labels, "seeds": list(range(seeds)), **REPORT_CONVENTIONS, "scenes": {}}
+              "labelled_pixels": n_labels, "seeds": list(range(seeds)), **REPORT_CONVENTIONS,
+              "provenance": provenance(next(model.parameters()).device), "scenes": {}}
     by_scene, baseline_all, calibrated = [], [], []
     for name, hsi in data.load_scenes(root, names).items():
         runs = [eval_scene(model, hsi, srf, run["label_ratio"], gamma, points, s, tile) for s in range(seeds)]
         target = as_float64(torch.from_numpy(hsi).permute(2, 0, 1))  # (31, H, W); after the network's peak
-        write_outputs(out / name, runs[0][0], srf, target, envi)
+        write_outputs(out / name, runs[0][0], target, envi)
         entry = summarise([m for _, m, _ in runs])
         print(f"{name}: " + ", ".join(f"{k} {v['mean']:.4f}±{v['std']:.4f}" for k, v in entry.items()))
         # per band, mean over the seeds

@@ -110,7 +110,7 @@ def predict(ckpt_path: str | Path, image: str | Path, out: str | Path, points: s
         pred = paste(calibrate(pred, rgb, srf, coords, spectra), coords, spectra)
         print(f"corrected with the {len(coords)} measured spectra of {points} ({CALIBRATION_METHOD}), "
               f"which replace the reconstruction at their pixels")
-    write_outputs(Path(out), pred, srf, envi=envi)
+    write_outputs(Path(out), pred, envi=envi, exposure=gain)
     print(f"wrote a {tuple(pred.shape)} cube to {Path(out) / 'cube.npy'}, .mat{', .hdr/.img' if envi else ''}"
           + (f" (tiles of {tile})" if tile else ""))
     return pred

@@ -9,6 +9,7 @@ the network a checkpoint holds, data-parallel ranks (torchrun), and the CPU allo
   save_atomic, load_checkpoint, build_model   a run's checkpoint: written atomically, read back checked
   keep_freed_cpu_memory          glibc's malloc keeps freed memory for reuse (docs/performance.md)
   Budget, positive, add_run_flags  what fit and pretrain share: --max-minutes, and the flags of a run
+  provenance                     the commit, torch, device, threads and command line a figure came from
 
 A checkpoint (`fit`'s RUN/last.pt, best.pt) is a dict with CHECKPOINT_KEYS: the model and training
 configs, the weights (and "ema", the weight average, with --ema), Adam's state, the step and schedule,
@@ -19,6 +20,8 @@ import argparse
 import ctypes
 import dataclasses
 import os
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -209,6 +212,22 @@ def autocast(amp: str, device: torch.device):
       - the losses (train.slice_loss): SSIM's variances are differences of nearly equal means, and L_rep and
         L_P2I means of small differences. The weights, Adam and checkpoints are float32 throughout."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def provenance(device: torch.device | str) -> dict:
+    """Where a figure comes from, for metrics.json and bench.py: the code's commit ("+ uncommitted changes"
+    where the checkout differs from it), torch's version, the device, CPU threads, the command line."""
+    here = str(Path(__file__).parent)
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        commit += " + uncommitted changes" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    return {"commit": commit, "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+            "command": " ".join(["python", *sys.argv])}
 
 
 # -----------------------------------------------------------------------------

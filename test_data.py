@@ -344,6 +344,15 @@ def test_colorchecker_equals_its_csv_file():
     assert np.array_equal(cameras.COLORCHECKER, np.array(rows, dtype=np.float64)[:, 1:])
 
 
+def test_the_preview_shows_each_colorchecker_patch_in_its_published_srgb_colour():
+    """eval's and predict's preview.png is the cube as a screen shows it: the 24 measured reflectances come
+    out in the published sRGB colours of their patches (8-bit, BabelColor's), within a few levels on average
+    (the light is flat, not D65, and cyan lies outside sRGB); S.Y shown as if it were sRGB is ~60 levels off."""
+    shown = cameras.srgb_preview(cameras.COLORCHECKER.T) * 255  # (24, 3)
+    levels = np.abs(shown - np.array(COLORCHECKER_SRGB))
+    assert levels.mean() < 4 and np.median(levels) < 3
+
+
 @pytest.mark.parametrize("name", list(cameras.SRF_TABLES))
 def test_srf_rows_are_non_negative_and_sum_to_one(name):
     s = cameras.srf_matrix(name)
@@ -485,3 +494,10 @@ def test_label_patches_draw_every_position_that_holds_the_label():
     assert set(seen) == {(t, l) for t in range(12, 16) for l in range(11, 15)}
     counts = np.unique([t * 100 + l for t, l in seen], return_counts=True)[1]
     assert counts.min() > 800 / 16 / 2  # each of the 16 drawn about 50 times
+
+
+# the 24 ColorChecker patches in 8-bit sRGB as BabelColor publishes them, dark skin to black
+COLORCHECKER_SRGB = [(115, 82, 68), (194, 150, 130), (98, 122, 157), (87, 108, 67), (133, 128, 177), (103, 189, 170),
+                     (214, 126, 44), (80, 91, 166), (193, 90, 99), (94, 60, 108), (157, 188, 64), (224, 163, 46),
+                     (56, 61, 150), (70, 148, 73), (175, 54, 60), (231, 199, 31), (187, 86, 149), (8, 133, 161),
+                     (243, 243, 242), (200, 200, 200), (160, 160, 160), (122, 122, 121), (85, 85, 85), (52, 52, 52)]

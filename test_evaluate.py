@@ -6,6 +6,9 @@ points; the per-band report and its warnings; tiled reconstruction against whole
 are skipped, saying why, when ../shared/data is not beside the checkout.
 """
 
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -51,6 +54,16 @@ def test_eval_reports_the_metrics_of_its_reconstructions_for_each_seed(real_run)
     np.testing.assert_array_equal(np.load(real_run.eval / REAL_TEST / "cube.npy"), preds[0].permute(1, 2, 0).numpy())
     assert report["labelled_pixels"] == sum(len(v["coords"]) for v in real_run.ckpt["labels"].values()) == \
         _real_label_count(real_run)
+
+
+@needs_data
+def test_metrics_json_says_which_code_torch_device_and_command_made_it(real_run):
+    where = real_run.report["provenance"]
+    head = subprocess.run(["git", "-C", str(Path(evaluate.__file__).parent), "rev-parse", "--short=12", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    assert where["commit"].startswith(head) and len(head) == 12
+    assert where["torch"] == torch.__version__ and where["device"] == "cpu" and where["threads"] >= 1
+    assert where["command"].startswith("python")
 
 
 @needs_data
