@@ -14,8 +14,11 @@ Sections:
   chunks the chunk length T of selective_scan (32, 64, 128, 256 and the automatic choice) on the
          model's largest scan at batch 8 of 128x128 (b=8, d=4x80 in 4 groups, n=8, l=16384);
   frft   frft2 against torch.fft.fft2 at (4, 40, 128, 128) float32, the Spa-FRFT branch's shape;
-  bodies the universal paradigm's bodies (dypro, mst++, hscnn+; Table 2): parameters and MACs at 128x128
-         with and without the shared DRPN, beside the paper's Table 10 and the bodies' own papers;
+  bodies the universal paradigm's bodies (dypro, mst++, hscnn+, maektsr; Table 2): parameters and MACs at
+         128x128 per part (the DRPN's stem and branches P_spa, P_hf, P_spe, the body, the output head, H2R),
+         with and without the shared DRPN, beside the paper's Tables 10 and 4 and the bodies' own papers; MACs
+         counted "layers only" (the paper's convention as best it can be inferred) and "real" (every product
+         run, complex ones as four real ones, and the selective scan's recurrence): macs.MACCount says exactly how;
   model  DyPro-Mamba's parameters and FLOPs (torch.utils.flop_counter; multiply-accumulates, as the
          paper counts them), forward and forward+backward per 128x128 patch, a training step
          (train.train_step) at batch 8 of 128x128 in float32 (and bf16 autocast on CUDA) with its
@@ -34,7 +37,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
 
 import backbones
 import cameras
@@ -44,7 +46,8 @@ import pixelssr as P
 import runs
 import train
 from frft import frft2
-from ssm import SS2D, selective_scan, selective_scan_chunks, selective_scan_ref
+from macs import COUNTS, PARTS, MACCount, count_parts, inference_total, macs
+from ssm import selective_scan, selective_scan_chunks, selective_scan_ref
 
 # The profiler that measures CPU peak memory (kineto) logs `USDT ... profiler_start/stop` lines to
 # stderr at its highest level (5); 6 silences it. Read when the profiler first starts, so setting it here is enough.
@@ -233,76 +236,93 @@ def bench_frft(device: torch.device) -> None:
           f"frft2 takes {both_frft / floor:.2f}× that")
 
 
-def macs(fn: Callable[[], object]) -> float:
-    """Multiply-accumulates of fn(), a forward pass: torch.utils.flop_counter's FLOPs / 2, the count papers
-    call FLOPs, less the zero blocks of each SS2D's block-diagonal Δ projection (ssm.SS2D.delta):
-    flop_counter counts the whole (kE, kR) matrix of k routes scanned together, the model's arithmetic is
-    its k (E, R) blocks. (Only forwards are corrected: a backward in fn would count that matrix's two
-    products in full.)"""
-    zero_blocks = []
-
-    def count(module, args, output):
-        if isinstance(module, SS2D):
-            b, _, h, w = args[0].shape
-            # all four routes in one call: 16ER per pixel counted, 4ER done; SS2D.paired: 2 x 4ER counted
-            zero = 4 if SS2D.paired(args[0]) else 12
-            zero_blocks.append(b * h * w * zero * module.E * module.R)
-
-    hook = torch.nn.modules.module.register_module_forward_hook(count)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-    finally:
-        hook.remove()
-    return counter.get_total_flops() / 2 - sum(zero_blocks)
-
-
 # Table 10 of the paper (params in M, FLOPs in G at 128x128, multiply-accumulates); HSCNN+ is not in it:
 # the MST++ paper's table gives 4.65 M and 304.45 G at 256x256, i.e. 76.1 G at 128x128
 TABLE_10 = {"dypro": (0.61, 4.65), "mst++": (1.62, 5.83), "hscnn+": (4.65, 304.45 / 4)}
+# Table 4 of the paper, DyPro-Mamba's ablations (params in M, G MACs at 128x128), and the Config that builds each
+TABLE_4 = {"whole": ((0.61, 4.65), {}), "no DRPN": ((0.56, 4.18), {"use_drpn": False}),
+           "no P_spa": ((0.61, 4.63), {"use_spa": False})}
 
 
 def bench_bodies(device: torch.device) -> None:
-    """Each body with the shared DRPN and without it (Table 4's "no DRPN": the body fed the point cube):
-    inference parameters (no H2R, which only L_P2I uses) and MACs of one 1x3x128x128 forward."""
+    """Each body (backbones.BODIES) with the shared DRPN and without it (Table 4's "no DRPN": the body fed the
+    point cube), and DyPro-Mamba without P_spa: parameters and MACs of one 1x3x128x128 forward, per part
+    (PARTS) and in total, counted three ways: layers-only and real (MACCount: exactly what each counts is
+    in its docstring, and printed), and flop/2 (`macs`, what docs/design.md's figures use). Totals exclude
+    H2R, which only L_P2I uses; beside them the paper's Table 10 and Table 4."""
     rgb = torch.rand(1, 3, 128, 128, device=device)
     pts = P.sample_points((1, 31, 128, 128), 1e-4, 2.0, 0.1, device=device)
-    print(f"\nbodies of the universal paradigm at 1x3x128x128 on {device} (MACs: bench.macs, flop_counter / 2 less "
-          f"SS2D's zero blocks; paper: Table 10, hscnn+ from the MST++ paper's table scaled to 128x128)")
-    print(f"{'body':<8}{'params M':>10}{'MACs G':>9}{'no DRPN: M':>12}{'MACs G':>9}{'paper M':>9}{'paper G':>9}")
+    counts = {}
     for name in backbones.BODIES:
-        row = []
-        for use_drpn in (True, False):
+        for variant, (_, cfg) in TABLE_4.items():
+            if variant == "no P_spa" and name != "dypro":
+                continue
             torch.manual_seed(0)
-            model = backbones.network(P.Config(backbone=name, use_drpn=use_drpn, h2r=False)).to(device).eval()
-            with torch.no_grad():
-                row += [sum(p.numel() for p in model.parameters()) / 1e6, macs(lambda: model(rgb, pts)) / 1e9]
+            model = backbones.network(P.Config(backbone=name, **cfg)).to(device).eval()
+            counts[name, variant] = count_parts(model, rgb, pts)
+
+    print(f"\nbodies of the universal paradigm at 1x3x128x128 on {device}: parameters in M; {COUNTS}")
+    print(f"{'body':<9}{'part':<14}{'params M':>10}{'layers G':>10}{'real G':>10}")
+    for name in backbones.BODIES:
+        params, layers, real, _ = counts[name, "whole"]
+        rows = [(part, params[part], layers[part], real[part]) for part in PARTS if part != "H2R"]
+        rows += [("total", inference_total(params), inference_total(layers), inference_total(real)),
+                 ("H2R", params["H2R"], layers["H2R"], real["H2R"])]
+        for i, (part, n, lay, rea) in enumerate(rows):
+            print(f"{name if i == 0 else '':<9}{part:<14}{n / 1e6:>10.3f}{lay / 1e9:>10.3f}{rea / 1e9:>10.3f}")
+
+    print("\ntotals (without H2R) beside the paper's Table 10 (hscnn+: the MST++ paper's table scaled to 128x128);\n"
+          "  flop/2 = macs.macs: flop_counter's FLOPs / 2 less SS2D's zero blocks (a complex product as one real "
+          "product,\n  the scan and CPU attention not counted), the count docs/design.md's figures use")
+    print(f"{'body':<8}{'params M':>10}{'flop/2 G':>10}{'layers G':>10}{'real G':>9}{'no DRPN: M':>12}{'flop/2 G':>10}"
+          f"{'layers G':>10}{'real G':>9}{'paper M':>9}{'paper G':>9}")
+    for name in backbones.BODIES:
+        row = ""
+        for variant in ("whole", "no DRPN"):
+            params, layers, real, flop2 = counts[name, variant]
+            row += (f"{inference_total(params) / 1e6:>{10 if variant == 'whole' else 12}.3f}{flop2 / 1e9:>10.2f}"
+                    f"{inference_total(layers) / 1e9:>10.2f}{inference_total(real) / 1e9:>9.2f}")
         paper = "".join(f"{v:>9.2f}" for v in TABLE_10[name]) if name in TABLE_10 else f"{'-':>9}{'-':>9}"
-        print(f"{name:<8}{row[0]:>10.3f}{row[1]:>9.2f}{row[2]:>12.3f}{row[3]:>9.2f}{paper}")
+        print(f"{name:<8}{row}{paper}")
+
+    print(f"\ndypro beside the paper's Table 4 (params M / G)\n{'':<10}{'params M':>10}{'layers G':>10}{'real G':>9}"
+          f"{'paper M':>9}{'paper G':>9}")
+    for variant, ((paper_m, paper_g), _) in TABLE_4.items():
+        params, layers, real, _ = counts["dypro", variant]
+        print(f"{variant:<10}{inference_total(params) / 1e6:>10.3f}{inference_total(layers) / 1e9:>10.2f}"
+              f"{inference_total(real) / 1e9:>9.2f}{paper_m:>9.2f}{paper_g:>9.2f}")
     bench_maektsr(device, rgb, pts)
+
+
+def _three_counts(fn: Callable[[], object]) -> str:
+    """fn()'s MACs (a forward) the three ways, in G, as a phrase."""
+    with torch.no_grad():
+        flop2 = macs(fn)
+        with MACCount() as count:
+            fn()
+    return (f"{flop2 / 1e9:.2f} G MACs (flop/2), layers-only {count.layers.total() / 1e9:.2f} G, "
+            f"real {count.real.total() / 1e9:.2f} G")
 
 
 def bench_maektsr(device: torch.device, rgb: torch.Tensor, pts: torch.Tensor) -> None:
     """MAE-KTSR's two stages at 1x3x128x128 (its paper's sizes are not public): S2-MAE in pre-training (the
     loss of one batch of 1, default masks), and stage 2 with the DRPN as fit builds it: all parameters, the
-    trainable ones (the encoder frozen), and the CNN alone (--no-isff)."""
+    trainable ones (the encoder frozen), and the CNN alone (--no-isff). MACs the three ways bench_bodies
+    prints (flop/2 misses the encoder's attention on a CPU)."""
     torch.manual_seed(0)
     mae = maektsr.S2MAE().to(device)
     hsi = torch.rand(1, 31, 128, 128, device=device)
     keep = maektsr.draw_mask(mae.cfg, 1, 256, torch.Generator().manual_seed(0)).to(device)
     srf = torch.full((3, 31), 1 / 31, device=device)
-    with torch.no_grad():
-        pre = macs(lambda: mae.loss(hsi, hsi[:, :3], srf, keep)) / 1e9
-    print(f"S2-MAE pre-training: {sum(p.numel() for p in mae.parameters()) / 1e6:.3f} M parameters (encoder "
-          f"{sum(p.numel() for p in mae.encoder.parameters()) / 1e6:.3f} M), {pre:.2f} G MACs a 128x128 crop")
+    pre = _three_counts(lambda: mae.loss(hsi, hsi[:, :3], srf, keep))
+    print(f"\nS2-MAE pre-training: {sum(p.numel() for p in mae.parameters()) / 1e6:.3f} M parameters (encoder "
+          f"{sum(p.numel() for p in mae.encoder.parameters()) / 1e6:.3f} M), a 128x128 crop {pre}")
     for label, cfg in (("stage 2 (DRPN, CNN, ISFF, encoder)", P.Config(backbone="maektsr", h2r=False)),
                        ("stage-2 CNN alone (--no-isff)", P.Config(backbone="maektsr", use_isff=False, h2r=False))):
         model = backbones.network(cfg).to(device).eval()
-        with torch.no_grad():
-            g = macs(lambda: model(rgb, pts)) / 1e9
         n = sum(p.numel() for p in model.parameters()) / 1e6
         trains = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
-        print(f"{label}: {n:.3f} M parameters, {trains:.3f} M trainable, {g:.2f} G MACs")
+        print(f"{label}: {n:.3f} M parameters, {trains:.3f} M trainable, {_three_counts(lambda: model(rgb, pts))}")
 
 
 def bench_model(device: torch.device, batch: int, repeat: int) -> None:
@@ -324,7 +344,7 @@ def bench_model(device: torch.device, batch: int, repeat: int) -> None:
     print(f"\nDyPro-Mamba (width {cfg.width}) on {device}")
     print(f"parameters: {(n_all - n_h2r) / 1e6:.3f} M for inference (+{n_h2r / 1e6:.3f} M of the training-only "
           f"H2R of L_P2I); DRPN {n_drpn / 1e6:.3f} M      paper (Table 10): 0.61 M")
-    print(f"FLOPs at 1x3x128x128 (multiply-accumulates, bench.macs: flop_counter / 2): {model_macs / 1e9:.2f} G, "
+    print(f"FLOPs at 1x3x128x128 (multiply-accumulates, macs.macs: flop_counter / 2): {model_macs / 1e9:.2f} G, "
           f"DRPN {drpn_macs / 1e9:.2f} G, of which the FRFT matrix products {frft_macs / 1e9:.2f} G      paper: 4.65 G\n"
           f"  (flop_counter counts a complex multiply-add as one, a quarter of its real cost, and would not count "
           f"an FFT-based FRFT at all)")

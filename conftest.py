@@ -208,6 +208,20 @@ def _eval(run: Path, out: Path, *flags: str, seeds: int = 1) -> dict:
     return json.loads((Path(out) / "metrics.json").read_text())
 
 
+def _crash_on_call(monkeypatch, owner, name: str, n: int):
+    """Make owner.name raise KeyboardInterrupt (a killed run) on its n-th call; -> the real function."""
+    real, calls = getattr(owner, name), [0]
+
+    def crash(*a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(owner, name, crash)
+    return real
+
+
 # ---- one short run on real crops, shared by the eval, predict and data-parallel tests ----
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,8 @@ What is here, in reading order:
   - Block (pre-norm ViT block), Encoder, S2MAE and its loss                        stage 1
   - SEResBlock, local_attention, ISFF, MAEKTSR, the body of pixelssr's paradigm    stage 2
   - encoder_state, load_encoder, pretrain_step: what the training script calls
-Sizes (defaults): S2-MAE 1.07 M parameters (encoder 0.82 M, band embedding 0.02 M, decoder 0.24 M). Stage 2:
-0.75 M trainable with the encoder frozen (CNN 0.65 M, three ISFFs 0.10 M), 1.56 M in all; 10.96 G MACs at
-128 x 128, of which the encoder takes 0.21 G and the CNN alone 10.28 G.
+Sizes (defaults): S2-MAE about 1 M parameters, stage 2 about 0.75 M trainable with the encoder frozen; the
+measured counts, parameters and MACs per part: `python bench.py --only bodies` (docs/performance.md, "MAC counts").
 
 Glossary (code name = symbol):
   hsi   = Y, the cube (b, 31, H, W)           rgb   = X = S.Y (b, 3, H, W)      srf = S (3, 31)

@@ -238,7 +238,8 @@ class SpectralAttention(nn.Module):
 
 
 class FFN(nn.Module):
-    """1x1 up, GELU, depthwise 3x3, GELU, 1x1 down: the paper's 'efficient FFN' (as MST++)."""
+    """1x1 up, GELU, depthwise 3x3, GELU, 1x1 down: MST++'s FFN, our reading of the paper's "efficient FFN,
+    consisting of several M_3x3 and M_GeLU" (docs/design.md, "Deviations")."""
 
     def __init__(self, width: int, mult: int, bias: bool = True):  # MST++'s has no biases
         super().__init__()
@@ -387,7 +388,7 @@ class PromptSSMU(nn.Module):
         self.down = nn.Conv2d(c, 2 * c, 4, stride=2, padding=1)
         self.mid = PromptSSM(cfg, 2 * c, 2 * hd)
         self.up = nn.ConvTranspose2d(2 * c, c, 2, stride=2)
-        self.skip = nn.Conv2d(2 * c, c, 1)            # fuses the up-sampled path with the level-0 skip
+        self.skip = nn.Conv2d(2 * c, c, 1)            # the level-0 skip, not in Eq. (8): as U-shaped networks (docs/design.md)
         self.dec = PromptSSM(cfg, c, hd)
         self.out = conv3(c, nb)                       # Eq. (8), Y^r
 

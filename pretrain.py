@@ -35,7 +35,7 @@ import cameras
 import data
 import maektsr
 from labels import PatchDataset, expand_label_sets, make_label_sets
-from runs import Budget, UsageError, add_run_flags, load_checkpoint, pick_device, save_atomic, seeded
+from runs import Budget, UsageError, add_run_flags, load_checkpoint, parse_run_args, pick_device, save_atomic, seeded
 
 # what OUT/last.pt (the run, for --resume) and OUT/encoder.pt (what fit --mae-ckpt loads) hold
 RUN_KEYS = ("pretrain_config", "data", "split", "labels", "step", "total_steps", "mae", "optimizer")
@@ -157,6 +157,12 @@ def settings(args) -> tuple[dict | None, PretrainConfig, dict, str]:
     """(the checkpoint --resume continues, or None; the config; the scene split; the data folder)."""
     if args.resume:
         ckpt = load_checkpoint(Path(args.out) / "last.pt", RUN_KEYS, "pretrain run's checkpoint")
+        for name in sorted(args.given - {"max_minutes", "device", "resume", "out"}):
+            now, was = resumed_setting(args, ckpt, name)
+            if now != was:
+                raise UsageError(f"--{name.replace('_', '-')} {now} contradicts the run being resumed ({was}): "
+                                 f"--resume continues a run with its own settings; only --max-minutes and --device "
+                                 f"may change.")
         cfg = dataclasses.replace(PretrainConfig(**ckpt["pretrain_config"]), max_minutes=args.max_minutes)
         return ckpt, cfg, ckpt["split"], ckpt["data"]
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)}
@@ -168,6 +174,17 @@ def settings(args) -> tuple[dict | None, PretrainConfig, dict, str]:
     if not train:
         raise UsageError(f"{args.data}: no training scenes left after the test/validation split.")
     return None, cfg, {"train": train, "val": val, "test": test}, args.data
+
+
+def resumed_setting(args, ckpt: dict, name: str) -> tuple:
+    """(this command's value of setting `name`, the resumed run's), comparable: scene lists as sorted names,
+    the data folder resolved."""
+    if name in ("test_scenes", "val_scenes"):
+        return (sorted(data.scene_name(n) for n in getattr(args, name) or []),
+                sorted(ckpt["split"][name.split("_")[0]]))
+    if name == "data":
+        return tuple(str(Path(p).resolve()) if p else None for p in (args.data, ckpt["data"]))
+    return getattr(args, name), ckpt["pretrain_config"].get(name)
 
 
 # -----------------------------------------------------------------------------
@@ -218,16 +235,8 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
 
 
 def pretrain_args(argv: list[str], **settings) -> argparse.Namespace:
-    """pretrain's settings from command-line flags, then `settings` (dests, e.g. source="cubes") on top."""
+    """pretrain's settings from command-line flags, then `settings` (dests, e.g. source="cubes") on top;
+    args.given as runs.parse_run_args."""
     f = argparse.ArgumentParser(prog="train.py pretrain")
     add_arguments(f)
-    args = f.parse_args(argv)
-    for k, v in settings.items():
-        setattr(args, k, v)
-    args.epochs_given = args.epochs is not None
-    args.epochs = args.epochs if args.epochs is not None else PretrainConfig.epochs
-    return args
-
-
-def run(args: argparse.Namespace) -> None:
-    pretrain(pretrain_args([], **vars(args)))
+    return parse_run_args(f, argv, PretrainConfig.epochs, **settings)

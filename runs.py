@@ -96,9 +96,9 @@ def save_atomic(obj: dict, path: Path) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch reports a short write as a RuntimeError from its zip writer
         tmp.unlink(missing_ok=True)
-        then = (f"{path.name} keeps the last good state: free space or fix the folder's permissions, then "
-                f"continue with --resume" if path.exists() else "free space or fix the folder's permissions, then "
-                f"run again")
+        fix = "free space or fix the folder's permissions, then"
+        then = (f"{path.name} keeps the last good state: {fix} continue with --resume" if path.exists()
+                else f"{fix} run again")
         raise UsageError(f"{path.parent}: could not write {path.name} ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else 'no detail'}); {then}.") from None
 
@@ -262,6 +262,23 @@ def positive(text: str) -> int:
     if not text.lstrip("+").isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return int(text)
+
+
+def parse_run_args(f: argparse.ArgumentParser, argv: list[str], epochs: int, **settings) -> argparse.Namespace:
+    """A run's settings from command-line flags, then `settings` (dests, e.g. out="RUN") on top. args.given:
+    the dests the flags or the settings gave, whatever their value (so that a given value is told from a
+    default one); args.epochs_given, and args.epochs with `epochs` as its default."""
+    unset = object()
+    args = argparse.Namespace(**{k: unset for k in vars(f.parse_args([]))})
+    f.parse_args(argv, args)  # argparse fills in a default only where the namespace has no value
+    given = {k for k, v in vars(args).items() if v is not unset} | set(settings)
+    args = f.parse_args(argv)
+    for k, v in settings.items():
+        setattr(args, k, v)
+    args.given = given
+    args.epochs_given = args.epochs is not None
+    args.epochs = args.epochs if args.epochs is not None else epochs
+    return args
 
 
 def add_run_flags(f: argparse.ArgumentParser, d, out: str) -> None:

@@ -57,7 +57,7 @@ TABLES = {
                                   ("random encoder + ISFF", {"backbone": "maektsr", "mae_init": "random"}),
                                   (f"S2-MAE ({source}) + ISFF", {"backbone": "maektsr", "pretrain": source}))],
 }
-TABLE_METRICS = ("psnr", "ssim", "sam", "rmse")
+TABLE_METRICS = ("psnr", "ssim", "sam", "mrae", "rmse")
 
 BASELINES = {"root_poly_baseline": "root-polynomial regression on the run's labels",
              "smoothest_baseline": "smoothest non-negative spectrum (no labels)"}
@@ -111,10 +111,11 @@ def stage_one(out: Path, fit_args: argparse.Namespace, source: str) -> Path:
     camera response, patches and budget; resumed if it was cut short, skipped if its encoder is written."""
     if (out / "encoder.pt").is_file():
         return out / "encoder.pt"
-    shared = ("data", "test_scenes", "val_scenes", "label_ratio", "seed", "srf", "max_minutes", "device", "patch",
-              "stride", "batch_size")
-    args = pretrain.pretrain_args([], **{k: getattr(fit_args, k) for k in shared}, source=source, out=str(out),
-                                  resume=(out / "last.pt").is_file())
+    budget = {"max_minutes": fit_args.max_minutes, "device": fit_args.device, "out": str(out)}
+    if (out / "last.pt").is_file():  # cut short: finish it with its own settings
+        return pretrain.pretrain(pretrain.pretrain_args([], resume=True, **budget))
+    shared = ("data", "test_scenes", "val_scenes", "label_ratio", "seed", "srf", "patch", "stride", "batch_size")
+    args = pretrain.pretrain_args([], **{k: getattr(fit_args, k) for k in shared}, source=source, **budget)
     if fit_args.epochs_given:
         args.epochs, args.epochs_given = fit_args.epochs, True
     print(f"\n== pre-training S2-MAE ({source}) into {out}")
@@ -122,8 +123,8 @@ def stage_one(out: Path, fit_args: argparse.Namespace, source: str) -> Path:
 
 
 def table_markdown(result: dict) -> str:
-    """The paper's layout: a row per setting, PSNR / SSIM / SAM / RMSE as mean +- std over the training seeds
-    (each its eval's mean over Gamma draws and test scenes), the steps trained, then one row per classical
+    """The paper's layout: a row per setting, PSNR / SSIM / SAM / MRAE / RMSE as mean +- std over the training
+    seeds (each its eval's mean over Gamma draws and test scenes), the steps trained, then one row per classical
     baseline (per label ratio: the regression on each seed's labels, or the smoothest spectrum without any)."""
     def cell(values: list[float]) -> str:
         return f"{np.mean(values):.4g} ± {np.std(values):.2g}" if len(values) > 1 else f"{values[0]:.4g}"

@@ -15,7 +15,7 @@ import maektsr
 import pretrain
 import tables
 import train
-from conftest import FAST, _demo_dir, _fit
+from conftest import FAST, _crash_on_call, _demo_dir, _fit
 
 PRE = ("--patch", "32", "--stride", "32", "--batch-size", "2", "--device", "cpu")
 
@@ -107,23 +107,19 @@ def test_maektsr_flags_that_do_not_fit_together_are_one_sentence(tmp_path, capsy
     assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_pretraining_resumed_after_a_crash_ends_with_the_same_encoder(tmp_path, monkeypatch):
+def test_pretraining_resumed_after_a_crash_ends_with_the_same_encoder_and_refuses_other_settings(tmp_path,
+                                                                                                 monkeypatch):
     root = _demo_dir(tmp_path)
     straight = _pretrain(root, tmp_path / "straight", "--label-ratio", "0.01", epochs=3)
-    calls, real_step = [0], maektsr.pretrain_step
-
-    def crash_in_epoch_two(*a, **k):  # 2 scenes x 4 crops / batch 2 = 4 steps an epoch
-        calls[0] += 1
-        if calls[0] == 6:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(maektsr, "pretrain_step", crash_in_epoch_two)
+    real_step = _crash_on_call(monkeypatch, maektsr, "pretrain_step", 6)  # 4 steps an epoch: in epoch two
     with pytest.raises(KeyboardInterrupt):
         _pretrain(root, tmp_path / "crashed", "--label-ratio", "0.01", epochs=3)
     assert torch.load(tmp_path / "crashed" / "last.pt", weights_only=True)["step"] == 4
     monkeypatch.setattr(maektsr, "pretrain_step", real_step)
-    assert train.main(["pretrain", "--out", str(tmp_path / "crashed"), "--resume", "--device", "cpu"]) == 0
+    for contradiction in (["--label-ratio", "0.05"], ["--source", "cubes"], ["--test-scenes", "demo_01"]):
+        assert train.main(["pretrain", "--out", str(tmp_path / "crashed"), "--resume", *contradiction]) == 2
+    assert train.main(["pretrain", "--out", str(tmp_path / "crashed"), "--resume", "--device", "cpu",
+                       "--test-scenes", "demo_02", "--label-ratio", "0.01"]) == 0  # what the run has: accepted
     resumed = torch.load(tmp_path / "crashed" / "encoder.pt", weights_only=True)
     assert all(torch.equal(straight["encoder"][k], resumed["encoder"][k]) for k in straight["encoder"])
 
@@ -131,7 +127,7 @@ def test_pretraining_resumed_after_a_crash_ends_with_the_same_encoder(tmp_path, 
 def test_table_maektsr_pretrains_each_seed_of_its_s2mae_rows_on_that_rows_regime(tmp_path, monkeypatch):
     """The fits and evals are stubbed: the table's wiring is under test. Each S2-MAE row pre-trains once per
     seed, on its regime's source, with the fit's labels, seed and split, and its fit loads that encoder;
-    no other row has one; a second call pre-trains nothing again."""
+    no other row has one; a second call pre-trains nothing again but finishes a pre-training cut short."""
     fits, pres = [], []
 
     def fake_fit(args):
@@ -168,5 +164,10 @@ def test_table_maektsr_pretrains_each_seed_of_its_s2mae_rows_on_that_rows_regime
     fits.clear(), pres.clear()
     for f in [*(tmp_path / "t").rglob("metrics.json"), *(tmp_path / "t").rglob("last.pt")]:
         f.unlink()  # every fit runs again from the start
+    cut = next((tmp_path / "t").rglob("encoder.pt"))
+    cut.unlink()
+    torch.save({}, cut.parent / "last.pt")  # one pre-training was cut short
     assert train.main(argv) == 0
-    assert len(fits) == 2 * len(tables.TABLES["maektsr"]) and pres == []  # the encoders are kept: none pre-trains
+    assert len(fits) == 2 * len(tables.TABLES["maektsr"])
+    assert [(Path(p.out), p.resume, p.given) for p in pres] == [(cut.parent, True, {"resume", "max_minutes", "device",
+                                                                                    "out"})]  # the rest are kept

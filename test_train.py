@@ -29,7 +29,7 @@ import labels
 import pixelssr as P
 import runs
 import train
-from conftest import (REAL_TEST, _assert_close, _demo_dir, _eval, _fit, _fit_argv, _inputs, _model, _real_crops,
+from conftest import (REAL_TEST, _assert_close, _crash_on_call, _demo_dir, _eval, _fit, _fit_argv, _inputs, _model, _real_crops,
                       _scene_dir, needs_data)
 
 FEW_STEPS = ("--patch", "16", "--stride", "64", "--batch-size", "6")  # on the real crops: two steps an epoch
@@ -40,15 +40,7 @@ def test_fit_resumed_after_a_crash_mid_epoch_ends_with_the_same_weights(tmp_path
     root = _demo_dir(tmp_path)
     straight = _fit(root, tmp_path / "straight", *extra, epochs=3)
 
-    calls, real_loss = [0], P.pixel_ssr_loss
-
-    def crash_in_epoch_two(*a, **k):  # 2 scenes x 4 patches / batch 2 = 4 steps an epoch
-        calls[0] += 1
-        if calls[0] == 6:
-            raise KeyboardInterrupt
-        return real_loss(*a, **k)
-
-    monkeypatch.setattr(P, "pixel_ssr_loss", crash_in_epoch_two)
+    real_loss = _crash_on_call(monkeypatch, P, "pixel_ssr_loss", 6)  # 2 scenes x 4 patches / batch 2: in epoch two
     with pytest.raises(KeyboardInterrupt):
         _fit(root, tmp_path / "crashed", *extra, epochs=3)
     assert torch.load(tmp_path / "crashed" / "last.pt", weights_only=True)["step"] == 4  # end of epoch one

@@ -54,7 +54,7 @@ import pretrain
 import tables
 from labels import PatchDataset, expand_label_sets, gamma_params, make_label_sets
 from runs import (Budget, Ranks, UsageError, add_run_flags, autocast, keep_freed_cpu_memory, load_checkpoint,
-                  positive, save_atomic, seeded, slice_shares, start_ranks, unwrap)
+                  parse_run_args, positive, save_atomic, seeded, slice_shares, start_ranks, unwrap)
 
 
 @dataclasses.dataclass
@@ -465,18 +465,7 @@ def fit_args(argv: list[str], **settings) -> argparse.Namespace:
     """fit's settings from command-line flags, then `settings` (dests, e.g. out="RUN", use_spa=False) on top.
     args.given: the dests the flags or the settings gave, whatever their value (run_configs and check_resume
     tell a given value from a default one)."""
-    f = fit_parser()
-    unset = object()
-    args = argparse.Namespace(**{k: unset for k in vars(f.parse_args([]))})
-    f.parse_args(argv, args)  # argparse fills in a default only where the namespace has no value
-    given = {k for k, v in vars(args).items() if v is not unset} | set(settings)
-    args = f.parse_args(argv)
-    for k, v in settings.items():
-        setattr(args, k, v)
-    args.given = given
-    args.epochs_given = args.epochs is not None
-    args.epochs = args.epochs if args.epochs is not None else TrainConfig.epochs
-    return args
+    return parse_run_args(fit_parser(), argv, TrainConfig.epochs, **settings)
 
 
 def demo() -> None:
@@ -522,11 +511,14 @@ def main(argv: list[str] | None = None) -> int:
         elif argv[0] == "fit":
             ap.parse_args(argv)  # --help and malformed flags as argparse says them
             fit(fit_args(argv[1:]))
+        elif argv[0] == "pretrain":
+            ap.parse_args(argv)
+            pretrain.pretrain(pretrain.pretrain_args(argv[1:]))
         elif argv[0] == "table":
             tables.table(tables.parse(t, argv[1:], fit_args), fit, fit_args)
         else:
             args = ap.parse_args(argv)
-            {"eval": evaluate.run, "predict": predict.run, "pretrain": pretrain.run}[args.cmd](args)
+            {"eval": evaluate.run, "predict": predict.run}[args.cmd](args)
     except (UsageError, ValueError) as e:  # bad input: one sentence, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

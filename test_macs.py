@@ -1,0 +1,92 @@
+"""
+macs.py, the counting of multiply-accumulates: macs.macs, the multiply-accumulates Table 10 reports, is what torch's flop counter
+finds in the route-by-route form of SS2D; macs.MACCount's two counts, layers-only and real, count what
+their docstring says (bench.py's timings are measurements, not tests).
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+import macs
+from conftest import _ss2d, examples
+from ssm import selective_scan, ss2d_ref
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@examples(10)
+@given(h=st.integers(1, 6), w=st.integers(1, 6), dim=st.integers(2, 9), d_state=st.integers(1, 4),
+       expand=st.integers(1, 2))
+def test_macs_counts_the_multiply_accumulates_of_ss2d_route_by_route(grad, h, w, dim, d_state, expand):
+    """macs.macs of SS2D is what flop_counter finds in the route-by-route form: the zero blocks of the
+    block-diagonal Δ projection are not counted as work, whether the routes go four at once (with
+    autograd) or in pairs (without). So is MACCount's: its real count plus the four scans' recurrences
+    (2·b·E·l·n each; the route-by-route form's loop is not counted), its layers-only count with in_proj
+    called as a layer there. (dim from 2: an einsum over one channel is a plain product, which flop_counter
+    does not count.)"""
+    model, x = _ss2d(0, dim, d_state, expand), torch.randn(2, dim, h, w, dtype=torch.float64)
+    counter = FlopCounterMode(display=False)
+    with torch.set_grad_enabled(grad):
+        with counter:
+            ss2d_ref(model, x)
+        assert macs.macs(lambda: model(x)) == counter.get_total_flops() / 2
+        with macs.MACCount() as ref_count:
+            ss2d_ref(model, x)
+        with macs.MACCount() as count:
+            model(x)
+    scans = 4 * 2 * x.shape[0] * model.E * h * w * model.n  # four routes of E channels, l = h·w
+    assert count.real.total() == ref_count.real.total() + scans
+    assert count.layers.total() == ref_count.layers.total()
+
+
+@examples(20)
+@given(kind=st.sampled_from(["conv", "transposed", "linear"]), b=st.integers(1, 2), groups=st.integers(1, 3),
+       cin=st.integers(1, 3), cout=st.integers(1, 3), k=st.integers(1, 3), stride=st.integers(1, 2),
+       h=st.integers(3, 6), w=st.integers(3, 6))
+def test_layers_only_macs_of_a_lone_layer_are_its_closed_form(kind, b, groups, cin, cout, k, stride, h, w):
+    """A lone nn.Conv2d or nn.ConvTranspose2d counts (output elements) x (input channels / groups) x k²,
+    an nn.Linear (output elements) x in_features: here from the input's size and the layer's arithmetic."""
+    cin, cout = cin * groups, cout * groups  # channels per group
+    if kind == "linear":
+        layer, x = nn.Linear(cin, cout), torch.randn(b, h, w, cin)
+        expected = b * h * w * cout * cin
+    else:
+        conv = nn.Conv2d if kind == "conv" else nn.ConvTranspose2d
+        layer, x = conv(cin, cout, k, stride=stride, padding=k // 2, groups=groups), torch.randn(b, cin, h, w)
+        # output size of a conv, and of its transpose
+        ho, wo = (((s + 2 * (k // 2) - k) // stride + 1) if kind == "conv" else ((s - 1) * stride - 2 * (k // 2) + k)
+                  for s in (h, w))
+        expected = b * cout * ho * wo * (cin // groups) * k * k
+    with torch.no_grad(), macs.MACCount() as count:
+        layer(x)
+    assert count.layers.total() == expected
+
+
+@examples(10)
+@given(batch=st.integers(1, 3), m=st.integers(1, 9), k=st.integers(1, 9), n=st.integers(1, 9))
+def test_real_macs_count_a_complex_product_as_four_real_ones(batch, m, k, n):
+    """A product of complex matrices is four real products of the same shape, batch·m·k·n multiply-adds each."""
+    x, y = torch.randn(batch, m, k, dtype=torch.complex64), torch.randn(batch, k, n, dtype=torch.complex64)
+    with macs.MACCount() as complex_count:
+        x @ y
+    with macs.MACCount() as real_count:
+        x.real @ y.real
+    assert complex_count.real.total() == 4 * real_count.real.total() == 4 * batch * m * k * n
+
+
+@examples(10)
+@given(b=st.integers(1, 2), d=st.integers(1, 6), l=st.integers(1, 40), n=st.integers(1, 4), chunk=st.integers(1, 16))
+def test_real_macs_count_the_selective_scans_recurrence(b, d, l, n, chunk):
+    """A forward whose only op is the selective scan counts 2·b·d·l·n real MACs (one multiply-add per
+    state element and step for the update, one for the read-out C·h), whatever its chunking, and no
+    layers-only MACs."""
+    g = torch.Generator().manual_seed(0)
+    u, delta = torch.randn(b, d, l, generator=g), torch.rand(b, d, l, generator=g)
+    B, C = torch.randn(b, n, l, generator=g), torch.randn(b, n, l, generator=g)
+    A = -torch.rand(d, n, generator=g)
+    with macs.MACCount() as count:
+        selective_scan(u, delta, A, B, C, chunk_size=chunk)
+    assert count.real.total() == 2 * b * d * l * n
+    assert count.layers.total() == 0
