@@ -28,11 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maektsr import MAEKTSR
-from pixelssr import FFN, Config, DyProMamba, LayerNorm2d, PromptSSMU, channel_attention
-
-
-def _no_prompts(cfg: Config) -> list[tuple[int, int, int]]:
-    return []
+from pixelssr import FFN, Config, DyProMamba, LayerNorm2d, PromptSSMU, channel_attention, no_prompts
 
 
 # -----------------------------------------------------------------------------
@@ -109,7 +105,7 @@ class MSTPlusPlus(nn.Module):
     Here conv_in takes X and Y3 (34 channels) instead of X (3)."""
 
     multiple = 4  # two down-samplings per MST
-    prompt_shapes = staticmethod(_no_prompts)
+    prompt_shapes = staticmethod(no_prompts)
 
     def __init__(self, cfg: Config, stages: int = 3):
         super().__init__()
@@ -166,7 +162,7 @@ class HSCNNPlus(nn.Module):
     1x1 conv of all the accumulated channels to 31 bands. Here the stem takes X and Y3 (34 channels)."""
 
     multiple = 1  # no down-sampling
-    prompt_shapes = staticmethod(_no_prompts)
+    prompt_shapes = staticmethod(no_prompts)
 
     def __init__(self, cfg: Config, blocks: int = 30):
         super().__init__()

@@ -29,7 +29,7 @@ def srf_matrix(name: str = "cie1964") -> np.ndarray:
     """The spectral response S, (3, 31) float32, each row normalised to sum to 1 so that X = S.Y stays in
     [0, 1] for Y in [0, 1]. name: one of SRF_TABLES."""
     if name not in SRF_TABLES:
-        raise ValueError(f"unknown spectral response {name!r}; choose one of {', '.join(SRF_TABLES)}")
+        raise ValueError(f"--srf {name}: not a known spectral response; choose one of {', '.join(SRF_TABLES)}.")
     # responses are non-negative; the CIE tables' -1.4e-20 is interpolation round-off
     s = np.clip(np.array(SRF_TABLES[name], dtype=np.float64).T, 0, None)
     return (s / s.sum(axis=1, keepdims=True)).astype(np.float32)

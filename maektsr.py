@@ -56,10 +56,10 @@ Assumptions (the abstract is silent):
   A10 ISFF after blocks 2, 4 and 6: the token grid, 1x1-projected and bilinearly upsampled, plus cross-attention
       from each pixel's CNN feature to the 3 x 3 tokens around its patch, added through a per-channel scale that
       starts at 0 (MAE-FAR), so training starts as the plain CNN. Local, not global: the tokens already hold
-      global context (the encoder attends globally), and global pixel-to-token attention costs pixels x tokens
-      (137 G MACs per ISFF at 512 x 512), which whole-image evaluation cannot pay.
-  A11 Freezing (Config.mae_freeze): "all" (default): the encoder is frozen, in eval mode and run without
-      autograd; "last": its last block and final norm train, the rest is frozen; "none": all of it trains.
+      global context (the encoder attends globally), and global pixel-to-token attention costs 2.pixels.tokens.c
+      multiply-adds per ISFF (at 512 x 512: 2.512^2.64^2.64, some 10^11), which whole-image evaluation cannot pay.
+  A11 Freezing (Config.mae_freeze): "all" (default): the encoder is frozen and run without autograd; "last": its
+      last block and final norm train, the rest is frozen; "none": all of it trains.
   A12 Inputs are used as they are, values in [0, 1]: no normalisation that pre-training and stage 2 would
       have to share.
 """
@@ -72,7 +72,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelssr import Config, LayerNorm2d, conv3
+from pixelssr import Config, LayerNorm2d, conv3, no_prompts
 
 
 @dataclass
@@ -389,10 +389,6 @@ class ISFF(nn.Module):
 FREEZE = {"all", "none", "last"}
 
 
-def _no_prompts(cfg: Config) -> list[tuple[int, int, int]]:
-    return []
-
-
 class MAEKTSR(nn.Module):
     """MAE-KTSR's stage 2 as a body of pixelssr's paradigm (PromptSSMU's interface): no P_spe, `multiple`
     the MAE patch, `out` the last conv; forward(rgb (b, 3, h, w), y3 (b, 31, h, w), p_spe=None) -> (b, 31, h, w).
@@ -401,8 +397,7 @@ class MAEKTSR(nn.Module):
     with cfg.use_isff off there is neither ISFF nor encoder: the stage-2 CNN alone.
     """
 
-    multiple = MAEConfig.patch  # also without ISFF, so that --no-isff pads exactly as the full body does
-    prompt_shapes = staticmethod(_no_prompts)
+    prompt_shapes = staticmethod(no_prompts)
 
     def __init__(self, cfg: Config, mae_cfg: MAEConfig | None = None, width: int = 64, blocks: int = 8,
                  fuse_after: tuple[int, ...] = (2, 4, 6)):
@@ -410,7 +405,8 @@ class MAEKTSR(nn.Module):
         mae_cfg = MAEConfig(bands=cfg.bands) if mae_cfg is None else mae_cfg
         if cfg.mae_freeze not in FREEZE:
             raise ValueError(f"mae_freeze must be all, none or last, got {cfg.mae_freeze!r}")
-        self.freeze, self.multiple = cfg.mae_freeze, mae_cfg.patch
+        self.freeze = cfg.mae_freeze
+        self.multiple = mae_cfg.patch  # also without ISFF, so that --no-isff pads exactly as the full body does
         self.conv_in = conv3(3 + cfg.bands, width)
         self.blocks = nn.ModuleList(SEResBlock(width) for _ in range(blocks))
         self.out = conv3(width, cfg.bands)
@@ -422,14 +418,6 @@ class MAEKTSR(nn.Module):
                 self.mae.encoder.blocks[-1].requires_grad_(True)
                 self.mae.encoder.norm.requires_grad_(True)
 
-    def train(self, mode: bool = True) -> "MAEKTSR":
-        """As nn.Module's, but a fully frozen encoder stays in eval mode (it has no dropout or batch norm
-        today, so this only keeps it right if one is added)."""
-        super().train(mode)
-        if self.mae is not None and self.freeze == "all":
-            self.mae.eval()
-        return self
-
     def tokens(self, rgb: torch.Tensor) -> torch.Tensor:
         """The encoder's RGB-token grid (b, width, h/p, w/p), with autograd only where parameters train."""
         if self.freeze == "all":
@@ -437,7 +425,7 @@ class MAEKTSR(nn.Module):
                 return self.mae.encode_rgb(rgb)
         return self.mae.encode_rgb(rgb, frozen=self.mae.cfg.depth - 1 if self.freeze == "last" else 0)
 
-    def forward(self, rgb: torch.Tensor, y3: torch.Tensor, p_spe=None) -> torch.Tensor:
+    def forward(self, rgb: torch.Tensor, y3: torch.Tensor, p_spe: None = None) -> torch.Tensor:
         f0 = self.conv_in(torch.cat([rgb, y3], 1))  # (b, 64, h, w)
         tokens = self.tokens(rgb) if self.mae is not None else None
         x = f0

@@ -362,6 +362,11 @@ class DRPN(nn.Module):
 # -----------------------------------------------------------------------------
 # DyPro-Mamba (Sec. 3.2.2)
 
+def no_prompts(cfg: Config) -> list[tuple[int, int, int]]:
+    """prompt_shapes of a body with no slot for a spectral prompt (backbones.py, maektsr.py): no P_spe is built."""
+    return []
+
+
 class PromptSSMU(nn.Module):
     """DyPro-Mamba's body, the dotted box of Fig. 3: a two-level U of three PromptSSMs, Eq. (8).
 

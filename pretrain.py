@@ -35,7 +35,8 @@ import cameras
 import data
 import maektsr
 from labels import PatchDataset, expand_label_sets, make_label_sets
-from runs import Budget, UsageError, add_run_flags, load_checkpoint, parse_run_args, pick_device, save_atomic, seeded
+from runs import (Budget, UsageError, add_run_flags, drop_log_after, load_checkpoint, parse_run_args, pick_device,
+                  refuse_contradiction, save_atomic, seeded)
 
 # what OUT/last.pt (the run, for --resume) and OUT/encoder.pt (what fit --mae-ckpt loads) hold
 RUN_KEYS = ("pretrain_config", "data", "split", "labels", "step", "total_steps", "mae", "optimizer")
@@ -109,6 +110,8 @@ def pretrain(args: argparse.Namespace) -> Path:
           + (f", {sum(len(c) for c in coords.values())} labelled pixels" if cfg.source == "points" else "")
           + f", {len(dataset)} crops/epoch, device {device}")
 
+    if ckpt is not None:
+        drop_log_after(out / "log.jsonl", run["step"])  # the steps after last.pt are redone
     log = open(out / "log.jsonl", "a", buffering=1)
     budget = Budget(cfg.max_minutes, sized=cfg.max_minutes > 0 and not args.epochs_given and ckpt is None)
     pbar = tqdm(total=run["total_steps"], initial=run["step"], dynamic_ncols=True)
@@ -131,42 +134,49 @@ def pretrain(args: argparse.Namespace) -> Path:
         pbar.update(1)
         pbar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()} | {"lr": f"{lr:.2e}"})
         log.write(json.dumps({"step": step, "epoch": epoch, "lr": lr, **terms}) + "\n")
-        if step % steps_per_epoch == 0 or step == run["total_steps"] or budget.out_of_time():
+        out_of_time = budget.out_of_time()
+        if step % steps_per_epoch == 0 or step == run["total_steps"] or out_of_time:
             save_atomic({**run, "mae": mae.state_dict(), "optimizer": optimizer.state_dict()}, out / "last.pt")
-        if budget.out_of_time():
+        if out_of_time:
             print(f"\nstopped after {cfg.max_minutes} minutes at step {step}/{run['total_steps']}; "
                   f"--resume continues from {out / 'last.pt'}")
             break
     pbar.close()
     log.close()
     encoder = {**maektsr.encoder_state(mae), "regime": cfg.source, "source_scenes": split["train"], "data": root,
-               "srf": cfg.srf, "label_ratio": cfg.label_ratio, "label_seed": cfg.seed, "labels": stored}
+               "srf": cfg.srf, "label_ratio": cfg.label_ratio if cfg.source == "points" else 1.0,
+               "label_seed": cfg.seed, "labels": stored}
     save_atomic(encoder, out / "encoder.pt")
     print(f"wrote {out / 'encoder.pt'} (fit --backbone maektsr --mae-ckpt {out / 'encoder.pt'})")
     return out / "encoder.pt"
 
 
-def crops(dataset: PatchDataset, indices: torch.Tensor, g: torch.Generator, source: str):
+def crops(dataset: PatchDataset, indices: torch.Tensor, g: torch.Generator,
+          source: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A batch (rgb (b, 3, p, p), hsi (b, 31, p, p), known (b, 1, p, p) bool, or None where every pixel is
     known). hsi is PatchDataset's target: zero wherever the run has no label."""
     rgb, hsi, known = dataset.batch(indices, g)
     return rgb, hsi, known if source == "points" else None
 
 
-def settings(args) -> tuple[dict | None, PretrainConfig, dict, str]:
+def settings(args: argparse.Namespace) -> tuple[dict | None, PretrainConfig, dict, str]:
     """(the checkpoint --resume continues, or None; the config; the scene split; the data folder)."""
     if args.resume:
         ckpt = load_checkpoint(Path(args.out) / "last.pt", RUN_KEYS, "pretrain run's checkpoint")
         for name in sorted(args.given - {"max_minutes", "device", "resume", "out"}):
             now, was = resumed_setting(args, ckpt, name)
             if now != was:
-                raise UsageError(f"--{name.replace('_', '-')} {now} contradicts the run being resumed ({was}): "
-                                 f"--resume continues a run with its own settings; only --max-minutes and --device "
-                                 f"may change.")
+                refuse_contradiction(f"--{name.replace('_', '-')}", now, was)
         cfg = dataclasses.replace(PretrainConfig(**ckpt["pretrain_config"]), max_minutes=args.max_minutes)
         return ckpt, cfg, ckpt["split"], ckpt["data"]
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)}
     cfg = PretrainConfig(**given | {"source": args.source or ("points" if args.label_ratio < 1 else "cubes")})
+    if cfg.patch % maektsr.MAEConfig.patch:
+        raise UsageError(f"--patch {cfg.patch}: S2-MAE's crops must be a multiple of its token patch, "
+                         f"{maektsr.MAEConfig.patch}.")
+    if not 0 <= cfg.band_lo <= cfg.band_hi <= 1 or not (0 <= cfg.rgb_only <= 1 and 0 <= cfg.spatial_ratio <= 1):
+        raise UsageError(f"--band-lo {cfg.band_lo} <= --band-hi {cfg.band_hi}, --rgb-only {cfg.rgb_only} and "
+                         f"--spatial-ratio {cfg.spatial_ratio} are fractions from 0 to 1.")
     if cfg.source == "points" and not 0 < cfg.label_ratio < 1:
         raise UsageError(f"--source points pre-trains on a run's labelled pixels: --label-ratio must be between 0 "
                          f"and 1 (got {cfg.label_ratio}); at 1 use --source cubes.")
@@ -176,7 +186,7 @@ def settings(args) -> tuple[dict | None, PretrainConfig, dict, str]:
     return None, cfg, {"train": train, "val": val, "test": test}, args.data
 
 
-def resumed_setting(args, ckpt: dict, name: str) -> tuple:
+def resumed_setting(args: argparse.Namespace, ckpt: dict, name: str) -> tuple:
     """(this command's value of setting `name`, the resumed run's), comparable: scene lists as sorted names,
     the data folder resolved."""
     if name in ("test_scenes", "val_scenes"):
@@ -190,10 +200,11 @@ def resumed_setting(args, ckpt: dict, name: str) -> tuple:
 # -----------------------------------------------------------------------------
 # stage 2: what fit loads
 
-def attach_encoder(body: maektsr.MAEKTSR, path: str, split: dict, srf: str, labels: dict) -> None:
+def attach_encoder(body: maektsr.MAEKTSR, path: str, split: dict, srf: str, labels: dict, label_ratio: float) -> None:
     """Load a pre-trained encoder into stage 2, after the checks that keep a run honest: the encoder never
-    read a scene this run tests or validates on, was pre-trained under this run's camera response, and, if
-    it read labelled pixels (points), read only pixels this run has labelled too. UsageError otherwise."""
+    read a scene this run tests or validates on, was pre-trained under this run's camera response, read
+    whole cubes of this run's training scenes only if the run has every pixel (label ratio 1), and, if it
+    read labelled pixels (points), read only pixels this run has labelled too. UsageError otherwise."""
     state = load_checkpoint(path, ENCODER_KEYS, "pre-trained encoder (train.py pretrain writes OUT/encoder.pt)")
     held_out = {data.scene_name(n) for n in split["test"] + split["val"]}
     seen = sorted(held_out & {data.scene_name(n) for n in state["source_scenes"]})
@@ -203,6 +214,11 @@ def attach_encoder(body: maektsr.MAEKTSR, path: str, split: dict, srf: str, labe
     if state["srf"] != srf:
         raise UsageError(f"--mae-ckpt {path} was pre-trained under camera response {state['srf']}, this run "
                          f"uses {srf}: pre-train with --srf {srf}.")
+    whole = sorted({data.scene_name(n) for n in split["train"]} & {data.scene_name(n) for n in state["source_scenes"]})
+    if state["regime"] == "cubes" and label_ratio < 1 and whole:
+        raise UsageError(f"--mae-ckpt {path} read the whole cubes of {', '.join(whole)}, of which this run (label "
+                         f"ratio {label_ratio:g}) has only its labelled pixels: pre-train with --source points, or "
+                         f"on another dataset's --data.")
     if state["regime"] == "points":
         for name, theirs in state["labels"].items():
             ours = labels.get(name, {}).get("coords")

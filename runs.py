@@ -3,12 +3,13 @@ What every command of pixelssr shares: the one error a user can cause, the devic
 the network a checkpoint holds, data-parallel ranks (torchrun), and the CPU allocator's setting.
 
   UsageError                     bad input of any kind: one sentence naming the file or flag, no traceback
-  pick_device, Ranks, start_ranks  --device auto|cpu|cuda[:N]; torchrun's processes (fit only)
+  pick_device, Ranks, start_ranks, unwrap  --device auto|cpu|cuda[:N]; torchrun's processes (fit only)
   slice_shares, autocast         a rank's share of a batch's loss terms; --amp bf16
   stable_seed, seeded            seeds that are pure functions of their keys, on every machine
   save_atomic, load_checkpoint, build_model   a run's checkpoint: written atomically, read back checked
   keep_freed_cpu_memory          glibc's malloc keeps freed memory for reuse (docs/performance.md)
-  Budget, positive, add_run_flags  what fit and pretrain share: --max-minutes, and the flags of a run
+  Budget, positive, add_run_flags, parse_run_args, refuse_contradiction, drop_log_after
+                                 what fit and pretrain share: --max-minutes, the flags of a run, --resume
   provenance                     the commit, torch, device, threads and command line a figure came from
 
 A checkpoint (`fit`'s RUN/last.pt, best.pt) is a dict with CHECKPOINT_KEYS: the model and training
@@ -19,6 +20,7 @@ the data folder and its split, the run's fixed label sets and its Gamma paramete
 import argparse
 import ctypes
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -264,6 +266,19 @@ def positive(text: str) -> int:
     return int(text)
 
 
+def refuse_contradiction(flag: str, now, was) -> None:
+    """The UsageError of a flag given with --resume that contradicts the run being resumed."""
+    raise UsageError(f"{flag} {now} contradicts the run being resumed ({was}): --resume continues a run with its "
+                     f"own settings; only --max-minutes and --device may change.")
+
+
+def drop_log_after(log: Path, step: int) -> None:
+    """Keep the lines of log.jsonl up to `step`: a resumed run redoes the steps after its checkpoint."""
+    if log.exists():
+        lines = log.read_text().splitlines(keepends=True)
+        log.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+
+
 def parse_run_args(f: argparse.ArgumentParser, argv: list[str], epochs: int, **settings) -> argparse.Namespace:
     """A run's settings from command-line flags, then `settings` (dests, e.g. out="RUN") on top. args.given:
     the dests the flags or the settings gave, whatever their value (so that a given value is told from a
@@ -286,11 +301,12 @@ def add_run_flags(f: argparse.ArgumentParser, d, out: str) -> None:
     seed, camera response and device; `d` holds the defaults (a TrainConfig or a PretrainConfig)."""
     f.add_argument("--data", default=None, help="folder of CAVE scenes (PNG folders, .mat or .npy)")
     f.add_argument("--out", default=out, help="run folder: last.pt, log.jsonl and what the command writes")
-    f.add_argument("--label-ratio", type=float, default=d.label_ratio, help="omega; 0 = unsupervised")
+    f.add_argument("--label-ratio", type=float, default=d.label_ratio,
+                   help="omega, the fraction of pixels labelled (fit: 0 = unsupervised)")
     f.add_argument("--epochs", type=positive, default=None, help=f"epochs (default {d.epochs})")
     f.add_argument("--max-minutes", type=float, default=d.max_minutes, help="time budget (CPU users)")
     f.add_argument("--test-scenes", nargs="*", default=None, help="scenes held out for testing")
-    f.add_argument("--val-scenes", nargs="*", default=None, help="training scenes held out to pick best.pt")
+    f.add_argument("--val-scenes", nargs="*", default=None, help="scenes held out of training (fit: to pick best.pt)")
     f.add_argument("--resume", action="store_true", help="continue RUN/last.pt exactly (its data and settings)")
     for name in ("batch_size", "patch", "stride"):
         f.add_argument("--" + name.replace("_", "-"), type=positive, default=getattr(d, name))

@@ -62,9 +62,9 @@ TABLE_METRICS = ("psnr", "ssim", "sam", "mrae", "rmse")
 BASELINES = {"root_poly_baseline": "root-polynomial regression on the run's labels",
              "smoothest_baseline": "smoothest non-negative spectrum (no labels)"}
 
+
 def row_dir(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label).strip("_")
-
 
 
 def table(args: argparse.Namespace, fit: Callable, fit_args: Callable) -> dict:
@@ -143,7 +143,6 @@ def table_markdown(result: dict) -> str:
         lines.append(f"| {name} (omega = {ratio * 100:g} %) | " + " | ".join(cell([r[m]["mean"] for r in reports])
                                                                          for m in TABLE_METRICS) + " | - |")
     return "\n".join(lines) + "\n"
-
 
 
 # -----------------------------------------------------------------------------

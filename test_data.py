@@ -361,7 +361,7 @@ def test_srf_rows_are_non_negative_and_sum_to_one(name):
 
 
 def test_an_unknown_srf_name_lists_the_choices():
-    with pytest.raises(ValueError, match="cie1964.*canon_5dmarkii"):
+    with pytest.raises(ValueError, match="--srf sony.*cie1964.*canon_5dmarkii"):
         cameras.srf_matrix("sony")
 
 

@@ -39,11 +39,29 @@ def test_points_pretraining_reads_no_spectrum_but_the_runs_labelled_pixels(tmp_p
     assert encoder["labels"].keys() == run["labels"].keys() == {"demo_00", "demo_01"}
     for name, labels in run["labels"].items():
         assert torch.equal(encoder["labels"][name]["coords"], labels["coords"])
-    labelled = {tuple(s.tolist()) for v in run["labels"].values() for s in v["spectra"]}
     assert len(seen) == 8 and all(known is not None and known.any() for _, known in seen)
-    for hsi, known in seen:
-        assert torch.equal(hsi, torch.where(known, hsi, 0.0))
-        assert {tuple(s.tolist()) for s in hsi.permute(0, 2, 3, 1)[known[:, 0]]} <= labelled
+    assert _only_labelled_spectra(seen, run)
+
+
+def test_the_leak_check_catches_a_pretraining_that_reads_unlabelled_spectra(tmp_path, monkeypatch):
+    """The check above, against a planted leak: pre-training handed every pixel's spectrum (the label sets
+    drawn at ratio 1 while the run keeps its 1 %)."""
+    root, seen, real_step, real_draw = _demo_dir(tmp_path), [], maektsr.pretrain_step, pretrain.make_label_sets
+    monkeypatch.setattr(maektsr, "pretrain_step",
+                        lambda mae, opt, hsi, rgb, srf, g, lr, known: seen.append((hsi, known))
+                        or real_step(mae, opt, hsi, rgb, srf, g, lr, known))
+    monkeypatch.setattr(pretrain, "make_label_sets", lambda scenes, ratio, *a: real_draw(scenes, 1.0, *a))
+    _pretrain(root, tmp_path / "pre", "--label-ratio", "0.01")
+    assert not _only_labelled_spectra(seen, _fit(root, tmp_path / "fit", "--label-ratio", "0.01"))
+
+
+def _only_labelled_spectra(seen: list, run: dict) -> bool:
+    """Every batch (hsi, known) pre-training was handed is zero off its known pixels, and every spectrum at
+    a known pixel is one of the run's labelled spectra."""
+    labelled = {tuple(s.tolist()) for v in run["labels"].values() for s in v["spectra"]}
+    return all(torch.equal(hsi, torch.where(known, hsi, 0.0))
+               and {tuple(s.tolist()) for s in hsi.permute(0, 2, 3, 1)[known[:, 0]]} <= labelled
+               for hsi, known in seen)
 
 
 def test_cubes_pretraining_reads_every_pixel_of_the_training_scenes(tmp_path, monkeypatch):
@@ -70,6 +88,7 @@ def test_a_pretrained_encoder_reaches_stage_two_intact_and_frozen(tmp_path):
                                                                     "--backbone", "maektsr", "--mae-init", "random",
                                                                     epochs=1)["model"].items()
                if k.startswith("body.mae.encoder."))  # a random encoder is another one
+    _fit(root, tmp_path / "fit", "--resume", "--backbone", "maektsr", epochs=None)  # its encoder is in last.pt
     report = evaluate.evaluate(tmp_path / "fit" / "last.pt", tmp_path / "ev", seeds=1, device="cpu")
     assert report["overall"]["psnr"]["mean"] > 0
 
@@ -80,7 +99,8 @@ def test_a_pretrained_encoder_reaches_stage_two_intact_and_frozen(tmp_path):
     (["--source", "cubes", "--srf", "cie1931"], [], "cie1931"),
     (["--label-ratio", "0.05"], ["--label-ratio", "0.01"], "label ratio 0.05"),
     (["--label-ratio", "0.01", "--seed", "1"], ["--label-ratio", "0.01"], "seed 1"),
-], ids=["test scene", "validation scene", "camera response", "more labels", "other labels"])
+    (["--source", "cubes"], ["--label-ratio", "0.01"], "whole cubes"),
+], ids=["test scene", "validation scene", "camera response", "more labels", "other labels", "cubes, few labels"])
 def test_fit_refuses_an_encoder_that_would_make_its_run_dishonest_in_one_sentence(tmp_path, capsys, pre, fit, words):
     root = _demo_dir(tmp_path)
     assert train.main(["pretrain", "--data", str(root), "--out", str(tmp_path / "pre"), "--epochs", "1",
@@ -97,6 +117,9 @@ def test_fit_refuses_an_encoder_that_would_make_its_run_dishonest_in_one_sentenc
 @pytest.mark.parametrize("flags,words", [
     (["--backbone", "maektsr"], "--mae-ckpt"),
     (["--mae-ckpt", "x.pt"], "--mae-ckpt"),
+    (["--mae-init", "random"], "--mae-init"),
+    (["--no-isff"], "--no-isff"),
+    (["--backbone", "maektsr", "--mae-init", "random", "--mae-ckpt", "x.pt"], "--mae-ckpt"),
     (["--backbone", "maektsr", "--mae-ckpt", "{tmp}/missing.pt"], "missing.pt"),
 ])
 def test_maektsr_flags_that_do_not_fit_together_are_one_sentence(tmp_path, capsys, flags, words):

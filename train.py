@@ -53,8 +53,9 @@ import predict
 import pretrain
 import tables
 from labels import PatchDataset, expand_label_sets, gamma_params, make_label_sets
-from runs import (Budget, Ranks, UsageError, add_run_flags, autocast, keep_freed_cpu_memory, load_checkpoint,
-                  parse_run_args, positive, save_atomic, seeded, slice_shares, start_ranks, unwrap)
+from runs import (Budget, Ranks, UsageError, add_run_flags, autocast, drop_log_after, keep_freed_cpu_memory,
+                  load_checkpoint, parse_run_args, positive, refuse_contradiction, save_atomic, seeded, slice_shares,
+                  start_ranks, unwrap)
 
 
 @dataclasses.dataclass
@@ -86,7 +87,6 @@ def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
     warm-up over the first cfg.warmup steps (none in the paper)."""
     warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else 1.0
     return warm * cfg.lr * (1 - min(step, total_steps) / total_steps) ** cfg.lr_power
-
 
 
 # -----------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def fit_on(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> Path
     if model.prior is not None and ckpt is None:
         model.prior.copy_(torch.from_numpy(root_poly_prior(labels)))
     if cfg.mae_ckpt and ckpt is None:  # MAE-KTSR's stage 2: the pre-trained encoder, checked (pretrain.py)
-        pretrain.attach_encoder(model.body, cfg.mae_ckpt, split, cfg.srf, labels)
+        pretrain.attach_encoder(model.body, cfg.mae_ckpt, split, cfg.srf, labels, cfg.label_ratio)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8)
     run = {"model_config": dataclasses.asdict(mcfg), "train_config": dataclasses.asdict(cfg), "step": 0,
            "total_steps": cfg.epochs * steps_per_epoch, "best_psnr": -math.inf, "data": root, "split": split,
@@ -210,13 +210,6 @@ def validation(judged, val_scenes: dict, srf: torch.Tensor, cfg: "TrainConfig", 
     if psnr > run["best_psnr"]:
         run["best_psnr"] = psnr
         save_atomic(checkpoint(run, model, optimizer, ema), out / "best.pt")
-
-
-def drop_log_after(log: Path, step: int) -> None:
-    """Keep the lines of log.jsonl up to `step`: a resumed run redoes the steps after its checkpoint."""
-    if log.exists():
-        lines = log.read_text().splitlines(keepends=True)
-        log.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
 
 
 # -----------------------------------------------------------------------------
@@ -338,8 +331,15 @@ def run_configs(args) -> tuple[TrainConfig, P.Config]:
     cfg = dataclasses.replace(cfg, loss_weights=format_weights(weights))
     return cfg, P.Config(points=cfg.points, h2r=weights["p2i"] > 0, **{k: getattr(args, k) for k in MODEL_FLAGS})
 
-def check_mae_flags(cfg: TrainConfig, args) -> None:
-    """MAE-KTSR's stage 2 takes its encoder from --mae-ckpt unless --mae-init random or --no-isff (no encoder)."""
+def check_mae_flags(cfg: TrainConfig, args: argparse.Namespace) -> None:
+    """MAE-KTSR's stage 2 takes its encoder from --mae-ckpt unless --mae-init random or --no-isff (no encoder);
+    its flags mean nothing to another body. A resumed run keeps the encoder its checkpoint holds."""
+    if args.resume:
+        return
+    mae_flags = sorted(args.given & {"use_isff", "mae_freeze", "mae_init", "mae_ckpt"})
+    if args.backbone != "maektsr" and mae_flags:
+        raise ValueError(f"{flag_name(mae_flags[0])} is a flag of --backbone maektsr; this run's body is "
+                         f"{args.backbone}.")
     wants = args.backbone == "maektsr" and args.use_isff and cfg.mae_init == "pretrained"
     if wants and not cfg.mae_ckpt:
         raise ValueError("--backbone maektsr needs --mae-ckpt FILE (train.py pretrain writes OUT/encoder.pt), or "
@@ -364,9 +364,7 @@ def check_resume(args, ckpt: dict) -> None:
     was["data"] = str(Path(ckpt["data"]).resolve()) if ckpt["data"] else None
     for name in sorted(args.given - RESUME_MAY_CHANGE):
         if now[name] != was[name]:
-            raise UsageError(f"{flag_name(name)} {now[name]} contradicts the run being resumed ({was[name]}): "
-                                  f"--resume continues a run with its own settings; only --max-minutes and --device "
-                                  f"may change.")
+            refuse_contradiction(flag_name(name), now[name], was[name])
 
 def run_settings(args) -> tuple[dict | None, TrainConfig, P.Config, dict[str, list[str]]]:
     """(the checkpoint --resume continues, or None; the training and model configs; the scene split).
@@ -473,8 +471,8 @@ def demo() -> None:
     print("pixelssr demo: synthetic scenes built from measured ColorChecker spectra - a pipeline check, "
           "not a benchmark. Train on CAVE for real numbers (README).")
     run = "runs/demo"
-    # Two minutes is ~70 steps: the paper's lr 2e-4 (tuned for 200 epochs) would barely move the weights, so the
-    # demo takes 3e-3 and the CPU recipe of the README (a correction to the root-polynomial map, exposure
+    # Two minutes are few steps on a CPU: the paper's lr 2e-4 (tuned for 200 epochs) would barely move the weights,
+    # so the demo takes 3e-3 and the CPU recipe of the README (a correction to the root-polynomial map, exposure
     # augmentation, warm-up); why and what each measured: docs/results.md, "The demo".
     ckpt = fit(fit_args(["--out", run, "--max-minutes", "2", "--patch", "64", "--stride", "32",
                          "--batch-size", "4", "--label-ratio", "0.001", "--lr", "3e-3", "--test-scenes", "demo_03",
