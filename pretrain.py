@@ -169,8 +169,8 @@ def settings(args: argparse.Namespace) -> tuple[dict | None, PretrainConfig, dic
                 refuse_contradiction(f"--{name.replace('_', '-')}", now, was)
         cfg = dataclasses.replace(PretrainConfig(**ckpt["pretrain_config"]), max_minutes=args.max_minutes)
         return ckpt, cfg, ckpt["split"], ckpt["data"]
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)}
-    cfg = PretrainConfig(**given | {"source": args.source or ("points" if args.label_ratio < 1 else "cubes")})
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)}
+    cfg = PretrainConfig(**flags | {"source": args.source or ("points" if args.label_ratio < 1 else "cubes")})
     if cfg.patch % maektsr.MAEConfig.patch:
         raise UsageError(f"--patch {cfg.patch}: S2-MAE's crops must be a multiple of its token patch, "
                          f"{maektsr.MAEConfig.patch}.")
