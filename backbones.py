@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maektsr import MAEKTSR
-from pixelssr import FFN, Config, DyProMamba, LayerNorm2d, PromptSSMU, channel_attention, no_prompts
+from pixelssr import Config, DyProMamba, LayerNorm2d, PromptSSMU, channel_attention, no_prompts
 
 
 # -----------------------------------------------------------------------------
@@ -57,13 +57,29 @@ class SpectralMSA(nn.Module):
         return self.proj((attn @ v).reshape(b, c, h, w)) + self.pos(v.reshape(b, c, h, w))
 
 
+class FFN(nn.Module):
+    """MST++'s feed-forward network: 1x1 up (x mult), GELU, depthwise 3x3, GELU, 1x1 down, no biases."""
+
+    def __init__(self, width: int, mult: int):
+        super().__init__()
+        hidden = mult * width
+        self.net = nn.Sequential(
+            nn.Conv2d(width, hidden, 1, bias=False), nn.GELU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False), nn.GELU(),
+            nn.Conv2d(hidden, width, 1, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class MSAB(nn.Module):
     """Spectral-wise attention block: x += S-MSA(x) (MST applies it to x unnormalised); x += FFN(LN(x))."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.attn = SpectralMSA(dim, heads)
-        self.norm, self.ffn = LayerNorm2d(dim), FFN(dim, 4, bias=False)
+        self.norm, self.ffn = LayerNorm2d(dim), FFN(dim, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(x)

@@ -46,7 +46,7 @@ import pixelssr as P
 import runs
 import train
 from frft import frft2
-from macs import COUNTS, PARTS, MACCount, count_parts, inference_total, macs
+from macs import COUNTS, PARTS, TABLE_4, MACCount, count_parts, inference_total, macs
 from ssm import selective_scan, selective_scan_chunks, selective_scan_ref
 
 # The profiler that measures CPU peak memory (kineto) logs `USDT ... profiler_start/stop` lines to
@@ -239,14 +239,11 @@ def bench_frft(device: torch.device) -> None:
 # Table 10 of the paper (params in M, FLOPs in G at 128x128, multiply-accumulates); HSCNN+ is not in it:
 # the MST++ paper's table gives 4.65 M and 304.45 G at 256x256, i.e. 76.1 G at 128x128
 TABLE_10 = {"dypro": (0.61, 4.65), "mst++": (1.62, 5.83), "hscnn+": (4.65, 304.45 / 4)}
-# Table 4 of the paper, DyPro-Mamba's ablations (params in M, G MACs at 128x128), and the Config that builds each
-TABLE_4 = {"whole": ((0.61, 4.65), {}), "no DRPN": ((0.56, 4.18), {"use_drpn": False}),
-           "no P_spa": ((0.61, 4.63), {"use_spa": False})}
 
 
 def bench_bodies(device: torch.device) -> None:
     """Each body (backbones.BODIES) with the shared DRPN and without it (Table 4's "no DRPN": the body fed the
-    point cube), and DyPro-Mamba without P_spa: parameters and MACs of one 1x3x128x128 forward, per part
+    point cube), and DyPro-Mamba's other Table 4 ablations: parameters and MACs of one 1x3x128x128 forward, per part
     (PARTS) and in total, counted three ways: layers-only and real (MACCount: exactly what each counts is
     in its docstring, and printed), and flop/2 (`macs`, what docs/design.md's figures use). Totals exclude
     H2R, which only L_P2I uses; beside them the paper's Table 10 and Table 4."""
@@ -255,7 +252,7 @@ def bench_bodies(device: torch.device) -> None:
     counts = {}
     for name in backbones.BODIES:
         for variant, (_, cfg) in TABLE_4.items():
-            if variant == "no P_spa" and name != "dypro":
+            if name != "dypro" and variant not in ("whole", "no DRPN"):
                 continue
             torch.manual_seed(0)
             model = backbones.network(P.Config(backbone=name, **cfg)).to(device).eval()
@@ -285,11 +282,11 @@ def bench_bodies(device: torch.device) -> None:
         paper = "".join(f"{v:>9.2f}" for v in TABLE_10[name]) if name in TABLE_10 else f"{'-':>9}{'-':>9}"
         print(f"{name:<8}{row}{paper}")
 
-    print(f"\ndypro beside the paper's Table 4 (params M / G)\n{'':<10}{'params M':>10}{'layers G':>10}{'real G':>9}"
+    print(f"\ndypro beside the paper's Table 4 (params M / G)\n{'':<13}{'params M':>10}{'layers G':>10}{'real G':>9}"
           f"{'paper M':>9}{'paper G':>9}")
     for variant, ((paper_m, paper_g), _) in TABLE_4.items():
         params, layers, real, _ = counts["dypro", variant]
-        print(f"{variant:<10}{inference_total(params) / 1e6:>10.3f}{inference_total(layers) / 1e9:>10.2f}"
+        print(f"{variant:<13}{inference_total(params) / 1e6:>10.3f}{inference_total(layers) / 1e9:>10.2f}"
               f"{inference_total(real) / 1e9:>9.2f}{paper_m:>9.2f}{paper_g:>9.2f}")
     bench_maektsr(device, rgb, pts)
 

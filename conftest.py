@@ -42,7 +42,7 @@ def examples(n: int, **kwargs) -> settings:
 
 # ---- a small model ----
 
-SMALL = P.Config(width=8, d_state=4, drpn_d_state=2)  # the real architecture, narrow enough for CPU tests
+SMALL = P.Config(width=8, d_state=4)  # the real architecture, narrow enough for CPU tests
 
 
 def _model(cfg: P.Config = SMALL, seed: int = 0) -> P.DyProMamba:

@@ -165,12 +165,12 @@ class MACCount(TorchDispatchMode):
         return out
 
 
-# The parts bench_bodies prints, as MACCount's parts of a backbones.network: a DRPN branch is what its
-# ablation switch takes away (cfg.use_spa: the Spa-FRFT branch and the conv y2 that fuses it into Y); the
-# stem is the rest of the DRPN (F1, Y1, its own glue), which both spatial branches share; the output head
-# is the body's last conv and DyProMamba's own forward (|.|); H2R, the training-only head of L_P2I.
-PARTS = {"DRPN stem": ("drpn",), "P_spa": ("drpn.spa", "drpn.y2"), "P_hf": ("drpn.hf", "drpn.y3"),
-         "P_spe": ("drpn.spe",), "body": ("body",), "output head": ("", "body.out"), "H2R": ("h2r",)}
+# The parts bench_bodies prints, as MACCount's parts of a backbones.network: the DRPN's F1 (shared by both
+# spatial branches), its three prompts, what its ablation switch takes away (cfg.use_spa: the Spa-FRFT
+# branch), and the Y path of Eq. (6)-(7) (Y1 to Y3, with the DRPN's own glue); the output head is the body's
+# last conv and DyProMamba's own forward (|.|); H2R, the training-only head of L_P2I.
+PARTS = {"F1": ("drpn.f1",), "P_spa": ("drpn.spa",), "P_hf": ("drpn.hf",), "P_spe": ("drpn.spe",),
+         "Y1-Y3": ("drpn",), "body": ("body",), "output head": ("", "body.out"), "H2R": ("h2r",)}
 
 
 # What bench_bodies prints above its tables: what the two counts count (in full: MACCount's docstring)
@@ -184,9 +184,9 @@ COUNTS = """MACs of one forward in G (1e9 multiply-accumulates), two counts (mac
     inputs as 4 real ones, less SS2D's zero delta blocks; plus the selective scan's recurrence, 2.b.d.l.n per call
     (state update h = exp(dt.A).h + dt.B.u: b.d.l.n; read-out C.h: b.d.l.n); NOT counted: exp, other element-wise
     products and sums, norms, activations, biases
-parts: DRPN stem = F1, Y1 and the DRPN's glue; P_spa = the Spa-FRFT branch and y2, the conv that fuses it; P_hf = the
-  Spa-HF branch and y3; P_spe = the spectral prompts; body = Fig. 3's dotted box less its last conv; output head =
-  that conv and |.|; H2R = the training-only head of L_P2I, run on the forward's Y3, not in the totals"""
+parts: F1 = the DRPN's shallow RGB feature; P_spa, P_hf, P_spe = its three prompts (Eq. 4, 5 and the spectral
+  self-attention); Y1-Y3 = Eq. (6)-(7)'s convs and the DRPN's glue; body = Fig. 3's dotted box less its last conv;
+  output head = that conv and |.|; H2R = the training-only head of L_P2I, run on the forward's Y3, not in the totals"""
 
 
 def count_parts(model: P.DyProMamba, rgb: torch.Tensor, pts: torch.Tensor) -> tuple[Counter, Counter, Counter, float]:
@@ -208,3 +208,11 @@ def count_parts(model: P.DyProMamba, rgb: torch.Tensor, pts: torch.Tensor) -> tu
 def inference_total(c: Counter) -> float:
     """A Counter's total less the training-only H2R."""
     return sum(v for part, v in c.items() if part != "H2R")
+
+
+# -----------------------------------------------------------------------------
+# The paper's Table 4 (CAVE; Table 12, NTIRE, agrees): DyPro-Mamba and its ablations, parameters in M and G MACs
+# at 128x128 as the paper counts them, and the Config fields that build each
+TABLE_4 = {"whole": ((0.61, 4.65), {}), "no P_spa": ((0.61, 4.60), {"use_spa": False}),
+           "no P_hf": ((0.61, 4.63), {"use_hf": False}), "no P_spe": ((0.57, 4.24), {"use_spe": False}),
+           "no DRPN": ((0.56, 4.18), {"use_drpn": False}), "no PromptSSM": ((0.56, 3.92), {"use_prompt_ssm": False})}

@@ -51,10 +51,13 @@ class Config:
     width: int = 40                 # C, feature width of DRPN and level 0 (paper Sec. 4.1: B = 40)
     d_state: int = 8                # n of the PromptSSM scans; Mamba's 16 is far over the paper's MACs (Table 10)
     expand: int = 2                 # SS2D inner width E = expand * width in the PromptSSMs, as VMamba
-    drpn_d_state: int = 4           # DRPN scans are light: the paper's whole DRPN is ~0.05 M params
-    drpn_expand: int = 1            # idem
     heads: int = 1                  # spectral-attention heads at level 0, doubled at level 1 (MST++)
-    ffn_mult: int = 4               # FFN hidden width = ffn_mult * width
+    ffn_mult: int = 2               # FFN hidden width = ffn_mult * width: with 3x3 convs, the body of Table 4 (0.56 M)
+    # The DRPN at the paper's cost (Table 4: 0.05 M, 0.47 G; P_spa ~0.05 G, P_hf ~0.02 G at 128x128)
+    drpn_width: int = 8             # channels of F1, P_spa and P_hf: two 3x3 convs at 8 are P_hf's 0.02 G
+    drpn_expand: int = 1            # SS2D inner width of the P_spa scans (their n is d_state's): a light branch
+    y1_width: int = 10              # the hidden width of Eq. (6)'s two convolutions, which the paper does not give
+    spe_pool: int = 4               # P_spe reads Y3 average-pooled by this per side: a channel Gram needs few pixels
     frft_order: float = 0.5         # initial learnable FRFT order: halfway between space and frequency
     # ablation switches (paper Tables 3-6)
     use_spa: bool = True            # P_spa, the Spa-FRFT prompt branch (Table 4)
@@ -201,7 +204,7 @@ class SpectralPrompt(nn.Module):
 
     def forward(self, y3: torch.Tensor) -> torch.Tensor:
         if self.scale > 1:
-            y3 = F.avg_pool2d(y3, self.scale)
+            y3 = F.avg_pool2d(y3, self.scale, ceil_mode=True)  # ceil: a patch smaller than scale still gives a pixel
         b = y3.shape[0]
         q, k = self.qk(y3).reshape(b, 2, self.heads, -1, y3.shape[-2] * y3.shape[-1]).unbind(1)  # (b, heads, d, L)
         return channel_attention(q, k, self.sigma)
@@ -238,17 +241,12 @@ class SpectralAttention(nn.Module):
 
 
 class FFN(nn.Module):
-    """1x1 up, GELU, depthwise 3x3, GELU, 1x1 down: MST++'s FFN, our reading of the paper's "efficient FFN,
-    consisting of several M_3x3 and M_GeLU" (docs/design.md, "Deviations")."""
+    """The paper's "efficient FFN, consisting of several M_3x3 and M_GeLU" (Sec. 3.2.2), read as two 3x3
+    convolutions around a GELU, the hidden one `mult` times wider (docs/design.md, "Readings of the paper")."""
 
-    def __init__(self, width: int, mult: int, bias: bool = True):  # MST++'s has no biases
+    def __init__(self, width: int, mult: int):
         super().__init__()
-        hidden = mult * width
-        self.net = nn.Sequential(
-            nn.Conv2d(width, hidden, 1, bias=bias), nn.GELU(),
-            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=bias), nn.GELU(),
-            nn.Conv2d(hidden, width, 1, bias=bias),
-        )
+        self.net = nn.Sequential(conv3(width, mult * width), nn.GELU(), conv3(mult * width, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -295,13 +293,13 @@ class SpaPrompt(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        c = cfg.width
+        c = cfg.drpn_width
         self.use_frft = cfg.spa_transform == "frft"
         if cfg.spa_transform not in ("frft", "fft"):
             raise ValueError(f"spa_transform must be 'frft' or 'fft', got {cfg.spa_transform!r}")
         self.order = nn.Parameter(torch.tensor(cfg.frft_order / self.order_scale)) if self.use_frft else None
-        self.scan_spa = SS2D(c, d_state=cfg.drpn_d_state, expand=cfg.drpn_expand)
-        self.scan_frft = SS2D(2 * c, d_state=cfg.drpn_d_state, expand=cfg.drpn_expand)
+        self.scan_spa = SS2D(c, d_state=cfg.d_state, expand=cfg.drpn_expand)
+        self.scan_frft = SS2D(2 * c, d_state=cfg.d_state, expand=cfg.drpn_expand)
         self.fuse = conv3(2 * c, c)
 
     def transform(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -326,23 +324,28 @@ class SpaPrompt(nn.Module):
 class DRPN(nn.Module):
     """Dynamic Receptive Prompt Neck: RGB + point spectra -> (Y3, [P_spe per PromptSSM]).
 
-    A switched-off branch (cfg.use_spa / use_hf) takes its fusing conv with it: Y2 = Y1, Y3 = Y2.
+    Its widths are the paper's costs (Table 4, docs/design.md "Model size"): F1, P_spa and P_hf at
+    cfg.drpn_width channels, Eq. (6)'s hidden layer at cfg.y1_width, Y1-Y3 at the 31 bands.
+    A switched-off branch (cfg.use_spa / use_hf) leaves its fusing conv of Eq. (7) reading Y alone.
     Nothing is built that the configuration does not use: F1 only feeds the two spatial branches, and
     P_spe only exists for the PromptSSMs' prompted attention.
     """
 
     def __init__(self, cfg: Config, prompt_shapes: list[tuple[int, int, int]]):
         super().__init__()
-        c, nb = cfg.width, cfg.bands
+        c, nb = cfg.drpn_width, cfg.bands
         self.f1 = conv3(3, c) if cfg.use_spa or cfg.use_hf else None
         self.spa = SpaPrompt(cfg) if cfg.use_spa else None
         self.hf = nn.Sequential(conv3(c, c), nn.GELU(), conv3(c, c)) if cfg.use_hf else None
-        self.y1 = nn.Sequential(conv3(nb + 1, nb), nn.GELU(), conv3(nb, nb))
-        self.y2 = conv3(nb + c, nb) if cfg.use_spa else None
-        self.y3 = conv3(nb + c, nb) if cfg.use_hf else None
+        self.y1 = nn.Sequential(conv3(nb + 1, cfg.y1_width), nn.GELU(), conv3(cfg.y1_width, nb))
+        # Eq. (7)'s convs stay when their prompt is switched off and read Y alone: Table 4 has the model 0.05 G
+        # lighter without P_spa and 0.02 G without P_hf, what the prompts cost, not a 31-band conv's 0.18 G
+        self.y2 = conv3(nb + c * cfg.use_spa, nb)
+        self.y3 = conv3(nb + c * cfg.use_hf, nb)
         # one P_spe per prompted block of the body: (width, heads, downsampling) of that block; a body without
         # prompted attention (no PromptSSM attention, or another backbone) asks for none
-        self.spe = nn.ModuleList(SpectralPrompt(nb, w, h, s) for w, h, s in prompt_shapes) if cfg.use_spe else None
+        self.spe = (nn.ModuleList(SpectralPrompt(nb, w, h, s * cfg.spe_pool) for w, h, s in prompt_shapes)
+                    if cfg.use_spe else None)
 
     def forward(self, rgb: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """rgb (b, 3, h, w), points (b, 31, h, w) -> Y3 (b, 31, h, w) and one P_spe (b, heads, d, d) per
@@ -350,13 +353,16 @@ class DRPN(nn.Module):
         f1 = self.f1(rgb) if self.f1 is not None else None  # Eq. (4), (b, C, h, w)
         x_m = rgb.mean(1, keepdim=True)  # Eq. (6), X_m
         y = self.y1(torch.cat([points, x_m], 1))  # Eq. (6), Y1
-        if self.spa is not None:
-            y = self.y2(torch.cat([y, self.spa(f1)], 1))  # Eq. (7), Y2
-        if self.hf is not None:
-            h, w = f1.shape[-2:]
-            f2 = F.interpolate(F.avg_pool2d(f1, 2, ceil_mode=True), scale_factor=2, mode="nearest")[..., :h, :w]  # Eq. (5)
-            y = self.y3(torch.cat([y, self.hf(f1 - f2)], 1))  # Eq. (5) P_hf, then Eq. (7) Y3
+        y = self.y2(torch.cat([y, self.spa(f1)], 1) if self.spa is not None else y)  # Eq. (7), Y2
+        y = self.y3(torch.cat([y, self.p_hf(f1)], 1) if self.hf is not None else y)  # Eq. (7), Y3
         return y, [p(y) for p in self.spe] if self.spe else None
+
+    def p_hf(self, f1: torch.Tensor) -> torch.Tensor:
+        """P_hf, Eq. (5): the high frequencies F1 - F2 of F1 (b, C', h, w), F2 its 2x2 average-pooled and
+        nearest-upsampled copy, through conv3, GELU, conv3."""
+        h, w = f1.shape[-2:]
+        f2 = F.interpolate(F.avg_pool2d(f1, 2, ceil_mode=True), scale_factor=2, mode="nearest")[..., :h, :w]
+        return self.hf(f1 - f2)
 
 
 # -----------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """
 macs.py, the counting of multiply-accumulates: macs.macs, the multiply-accumulates Table 10 reports, is what torch's flop counter
 finds in the route-by-route form of SS2D; macs.MACCount's two counts, layers-only and real, count what
-their docstring says (bench.py's timings are measurements, not tests).
+their docstring says; and, so counted, DyPro-Mamba's parts cost what the paper's Table 4 says they do
+(bench.py's timings are measurements, not tests).
 """
+
+import functools
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from hypothesis import given, strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import macs
+import pixelssr as P
 from conftest import _ss2d, examples
 from ssm import selective_scan, ss2d_ref
 
@@ -90,3 +94,49 @@ def test_real_macs_count_the_selective_scans_recurrence(b, d, l, n, chunk):
         selective_scan(u, delta, A, B, C, chunk_size=chunk)
     assert count.real.total() == 2 * b * d * l * n
     assert count.layers.total() == 0
+
+
+@functools.cache
+def _dypro_costs() -> dict[str, tuple[float, float]]:
+    """Parameters (M) and layers-only MACs (G) of the default DyPro-Mamba's parts at 1x3x128x128, the paper's
+    measure (Table 4 / Table 10), grouped as Table 4's rows take them apart."""
+    torch.manual_seed(0)
+    params, layers, _, _ = macs.count_parts(P.DyProMamba(P.Config(h2r=False)).eval(),
+                                            torch.rand(1, 3, 128, 128), torch.zeros(1, 31, 128, 128))
+    groups = {"whole": [p for p in macs.PARTS if p != "H2R"], "body": ["body", "output head"],
+              "DRPN": ["F1", "P_spa", "P_hf", "P_spe", "Y1-Y3"], "P_spa": ["P_spa"], "P_hf": ["P_hf"],
+              "P_spe and Y1-Y3": ["P_spe", "Y1-Y3"]}
+    return {g: (sum(params[p] for p in parts) / 1e6, sum(layers[p] for p in parts) / 1e9)
+            for g, parts in groups.items()}
+
+
+@pytest.mark.parametrize("part,row", [("whole", "whole"), ("body", "no DRPN"), ("DRPN", None)])
+def test_the_body_the_drpn_and_the_whole_cost_what_table_4_says(part, row):
+    """Within ±15 % in parameters and in MACs: the whole network (0.61 M, 4.65 G), the body alone (the row
+    without the DRPN: 0.56 M, 4.18 G) and the DRPN (their difference: 0.05 M, 0.47 G). The totals alone
+    could hold (they once did, within 30 %) with a DRPN 3x too large and a body too small."""
+    (whole_m, whole_g), _ = macs.TABLE_4["whole"]
+    paper = macs.TABLE_4[row][0] if row else (whole_m - macs.TABLE_4["no DRPN"][0][0],
+                                              whole_g - macs.TABLE_4["no DRPN"][0][1])
+    m, g = _dypro_costs()[part]
+    assert m == pytest.approx(paper[0], rel=0.15)
+    assert g == pytest.approx(paper[1], rel=0.15)
+
+
+@pytest.mark.parametrize("prompt", ["P_spa", "P_hf"])
+def test_the_spatial_prompts_are_as_light_as_in_table_4(prompt):
+    """Removing P_spa or P_hf leaves the paper's model at 0.61 M and takes 0.05 G or 0.02 G away (Table 4,
+    rounded to 0.01): each branch is under 0.01 M and 0.06 G, although the FRFT and the scans of P_spa are
+    far more arithmetic (the real count, bench.py --only bodies) than its layers."""
+    m, g = _dypro_costs()[prompt]
+    assert m < 0.01 and g < 0.06
+
+
+def test_the_spectral_prompt_with_its_y_path_costs_table_4s_p_spe_row():
+    """Table 4 without P_spe: 0.04 M and 0.41 G less. That much fits the spectral branch of Sec. 3.2.1 as a
+    whole, Eq. (6)-(7)'s convs from the point cube to Y3 and the self-attention that makes P_spe (the
+    self-attention alone is a tenth of it: docs/design.md, "Model size"): within 0.01 M (the table's
+    rounding) and 15 % of the MACs."""
+    m, g = _dypro_costs()["P_spe and Y1-Y3"]
+    assert m == pytest.approx(0.04, abs=0.01)
+    assert g == pytest.approx(0.41, rel=0.15)
