@@ -13,9 +13,9 @@ Sections:
          forward+backward and peak memory at b=1, d=64, n=16, l in {1024, 4096, 16384};
   chunks the chunk length T of selective_scan (32, 64, 128, 256 and the automatic choice) on the
          model's largest scan at batch 8 of 128x128 (b=8, d=4x80 in 4 groups, n=8, l=16384);
-  frft   frft2 against torch.fft.fft2 at (4, 40, 128, 128) float32, the Spa-FRFT branch's shape;
+  frft   frft2 against torch.fft.fft2 at (8, 8, 128, 128) float32, the Spa-FRFT branch's shape at batch 8;
   bodies the universal paradigm's bodies (dypro, mst++, hscnn+, maektsr; Table 2): parameters and MACs at
-         128x128 per part (the DRPN's stem and branches P_spa, P_hf, P_spe, the body, the output head, H2R),
+         128x128 per part (the DRPN's F1, P_spa, P_hf, P_spe and Y1-Y3, the body, the output head, H2R),
          with and without the shared DRPN, beside the paper's Tables 10 and 4 and the bodies' own papers; MACs
          counted "layers only" (the paper's convention as best it can be inferred) and "real" (every product
          run, complex ones as four real ones, and the selective scan's recurrence): macs.MACCount says exactly how;
@@ -178,14 +178,14 @@ def bench_chunks(device: torch.device, b: int, repeat: int) -> None:
 
 
 def bench_frft(device: torch.device) -> None:
-    """Print frft2 against torch.fft.fft2(norm="ortho") at (4, 40, 128, 128) float32 — the Spa-FRFT
-    prompt's shape in a training step — forward and forward+backward, median of 9 runs after 5 warm-ups
+    """Print frft2 against torch.fft.fft2(norm="ortho") at (8, drpn_width, 128, 128) float32 — the Spa-FRFT
+    prompt's shape in a training step at batch 8 — forward and forward+backward, median of 9 runs after 5 warm-ups
     (the first runs of a fresh shape pay for memory from the OS). frft2 costs dense N×N matrix products
     where the FFT is O(N log N), so some ratio is expected; how much is printed as a floor: the FLOPs of
     those products at the rate of one large complex64 matmul on this device."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(4, 40, 128, 128, device=device, generator=g, requires_grad=True)
+    x = torch.randn(8, P.Config().drpn_width, 128, 128, device=device, generator=g, requires_grad=True)
     grad_out = torch.randn(x.shape, device=device, dtype=torch.complex64, generator=g)
     order = torch.tensor(0.5, device=device, requires_grad=True)
 
@@ -226,7 +226,7 @@ def bench_frft(device: torch.device) -> None:
     m = 4096 if device.type == "cuda" else 1024  # long enough per call that timing it is fair
     big = torch.randn(m, m, device=device, dtype=torch.complex64, generator=g)
     peak = 8 * m**3 / (median_ms(lambda: big @ big) / 1e3)  # FLOP/s
-    print(f"frft2 vs fft2 (norm='ortho'), (4, 40, 128, 128) float32 on {device}, median ms:")
+    print(f"frft2 vs fft2 (norm='ortho'), {tuple(x.shape)} float32 on {device}, median ms:")
     print(f"  forward           fft2 {fwd_fft:8.2f}   frft2 {fwd_frft:8.2f}   ratio {fwd_frft / fwd_fft:5.2f}")
     print(f"  forward+backward  fft2 {both_fft:8.2f}   frft2 {both_frft:8.2f}   ratio {both_frft / both_fft:5.2f}")
     print(f"  forward+backward, order learnt too:   frft2 {both_learnt:8.2f}   ratio {both_learnt / both_fft:5.2f}")
@@ -245,7 +245,7 @@ def bench_bodies(device: torch.device) -> None:
     """Each body (backbones.BODIES) with the shared DRPN and without it (Table 4's "no DRPN": the body fed the
     point cube), and DyPro-Mamba's other Table 4 ablations: parameters and MACs of one 1x3x128x128 forward, per part
     (PARTS) and in total, counted three ways: layers-only and real (MACCount: exactly what each counts is
-    in its docstring, and printed), and flop/2 (`macs`, what docs/design.md's figures use). Totals exclude
+    in its docstring, and printed), and flop/2 (`macs`, torch's flop counter). Totals exclude
     H2R, which only L_P2I uses; beside them the paper's Table 10 and Table 4."""
     rgb = torch.rand(1, 3, 128, 128, device=device)
     pts = P.sample_points((1, 31, 128, 128), 1e-4, 2.0, 0.1, device=device)
@@ -270,7 +270,7 @@ def bench_bodies(device: torch.device) -> None:
 
     print("\ntotals (without H2R) beside the paper's Table 10 (hscnn+: the MST++ paper's table scaled to 128x128);\n"
           "  flop/2 = macs.macs: flop_counter's FLOPs / 2 less SS2D's zero blocks (a complex product as one real "
-          "product,\n  the scan and CPU attention not counted), the count docs/design.md's figures use")
+          "product,\n  the scan and CPU attention not counted)")
     print(f"{'body':<8}{'params M':>10}{'flop/2 G':>10}{'layers G':>10}{'real G':>9}{'no DRPN: M':>12}{'flop/2 G':>10}"
           f"{'layers G':>10}{'real G':>9}{'paper M':>9}{'paper G':>9}")
     for name in backbones.BODIES:
@@ -335,7 +335,7 @@ def bench_model(device: torch.device, batch: int, repeat: int) -> None:
     pts = P.sample_points((1, 31, 128, 128), 1e-4, 2.0, 0.1, device=device)
     with torch.no_grad():
         model_macs = macs(lambda: model(rgb, pts))
-        z = torch.randn(1, cfg.width, 128, 128, device=device)  # what the Spa-FRFT branch transforms
+        z = torch.randn(1, cfg.drpn_width, 128, 128, device=device)  # what the Spa-FRFT branch transforms
         frft_macs = macs(lambda: model.drpn.spa.transform(model.drpn.spa.transform(z), inverse=True))
         drpn_macs = macs(lambda: model.drpn(rgb, pts))
     print(f"\nDyPro-Mamba (width {cfg.width}) on {device}")

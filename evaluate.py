@@ -10,8 +10,9 @@ The evaluation protocol (paper Sec. 4.1 and supplementary Sec. 6; docs/design.md
   - beside the network, the classical answer from the same labels: the root-polynomial regression
     (Finlayson et al. 2015) fitted on the run's labelled pixels, or without labels the smoothest
     non-negative spectrum consistent with the RGB;
-  - --calib-points K (beyond the paper): each cube corrected with K of its own true spectra, as
-    `predict --points` does with a spectrometer's, scored over all and over the unmeasured pixels.
+  - --calib-points K (beyond the paper): K of each scene's own true spectra used as `predict --points`
+    uses a spectrometer's: fed into the network's point cube, correcting its cube, or both; scored over
+    the unmeasured pixels.
 
 Glossary: X = rgb = S.Y; Y^r = pred (the network's output, clamped) or raw (unclamped); M = the
 root-polynomial map (6, 31); omega = label_ratio; alpha, theta = the run's Gamma parameters.
@@ -97,12 +98,16 @@ def band_warnings(name: str, bands: dict[str, list[float]]) -> list[str]:
     return [f"warning: {name}: {b}" for b in bad]
 
 def eval_scene(model, hsi: np.ndarray, srf: torch.Tensor, ratio: float, gamma: tuple[float, float],
-               points: str, seed: int, tile: int = 0) -> tuple[torch.Tensor, dict, dict]:
+               points: str, seed: int, tile: int = 0,
+               measured: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, dict, dict]:
     """Reconstruct one scene from its RGB and a seeded point cube; return (pred (31, H, W) clamped to
-    [0, 1] as the metrics see it, metrics, band_stats of the raw output)."""
+    [0, 1] as the metrics see it, metrics, band_stats of the raw output). measured: (coords (k, 2), spectra
+    (k, 31)) pasted into the point cube at their pixels, a spectrometer's points fed to the network."""
     target = torch.from_numpy(hsi).permute(2, 0, 1)  # (31, H, W)
     rgb = cameras.rgb_from_hsi(target[None], srf)[0]
     pts = P.sample_points((1, *target.shape), ratio, *gamma, generator=seeded(seed), dist=points)[0]
+    if measured is not None:
+        pts = paste(pts, *measured)
     raw = reconstruct(model, rgb, pts, tile).cpu()
     pred, target = raw.clamp(0, 1), as_float64(target)
     return pred, metrics(pred, target), band_stats(raw, target)
@@ -153,21 +158,30 @@ CALIBRATION_CONVENTION = (
     "K pixels of each scene, drawn once per scene, give their true spectra as a spectrometer would; each "
     "seed's cube is corrected with them (evaluate.calibrate) and the measured spectra pasted in. all: every "
     "pixel of that cube; unmeasured: the other pixels, SSIM of the cube before pasting (no window sees a "
-    "true spectrum); uncorrected_unmeasured: the network's own cube at those same pixels")
+    "true spectrum); uncorrected_unmeasured: the network's own cube at those same pixels; fed_unmeasured: the "
+    "network's cube with the K spectra also in its point cube, at those pixels; fed_calibrated_unmeasured: that "
+    "cube corrected with them, at those pixels")
 
 CALIB_RIDGE = 16.0  # the residual map's pull toward no correction, in measured points' worth
 
 CALIBRATION_METHOD = ("the exposure the spectra imply, a ridge map of the RGB's root-polynomial terms fitted on "
                       "the network's error at the measured pixels, then each spectrum put back on its pixel's RGB")
 
+def points_exposure(rgb: torch.Tensor, srf: torch.Tensor, coords: np.ndarray, spectra: np.ndarray) -> float:
+    """The factor e that best matches measured spectra (k, 31) to the RGB (3, H, W) at their pixels (k, 2),
+    S.y ~ e.X, by least squares over the k x 3 values: a photo's exposure is unknown, the spectra know it."""
+    x = rgb.double()[:, coords[:, 0], coords[:, 1]].T.numpy()           # (k, 3)
+    sy = np.asarray(spectra, dtype=np.float64) @ srf.double().numpy().T  # (k, 3)
+    return float((sy * x).sum() / max((x ** 2).sum(), 1e-12))
+
 def calibrate(pred: torch.Tensor, rgb: torch.Tensor, srf: torch.Tensor, coords: np.ndarray,
               spectra: np.ndarray) -> torch.Tensor:
     """The network's cube (31, H, W) corrected with spectra (k, 31) measured at k of its pixels (k, 2)
     (row, col), by low-dimensional maps fitted on those pixels and applied to every pixel. rgb (3, H, W)
     is the network's input and srf (3, 31) the S it was trained with.
-      1. exposure: the factor e that best matches the measured spectra's S.y to the RGB at their pixels,
-         by least squares over the k x 3 values. A photo's exposure is unknown (predict only brings it to
-         the training level); the measured spectra know it. For an image rendered from its cube (eval), e = 1.
+      1. exposure: the factor e that best matches the measured spectra's S.y to the RGB at their pixels
+         (points_exposure). A photo's exposure is unknown (predict only brings it to the training level);
+         the measured spectra know it. For an image rendered from its cube (eval), e = 1.
       2. the network's error y - e.p at the measured pixels as a linear map of the root-polynomial terms of
          e.X (the classical baseline's six terms; they scale with the light, so the map does not care
          about exposure), ridge-regularised toward no correction by CALIB_RIDGE points' worth.
@@ -183,7 +197,7 @@ def calibrate(pred: torch.Tensor, rgb: torch.Tensor, srf: torch.Tensor, coords: 
     p = pred.double().reshape(pred.shape[0], -1).T.numpy()             # (H*W, 31)
     x = rgb.double().reshape(3, -1).T.numpy()                          # (H*W, 3)
     y = np.asarray(spectra, dtype=np.float64)                          # (k, 31)
-    exposure = float((y @ s.T * x[idx]).sum() / max((x[idx] ** 2).sum(), 1e-12))
+    exposure = points_exposure(rgb, srf, coords, spectra)
     p, x = p * exposure, x * exposure
     f = P.root_poly_features(x)                                          # (H*W, 6)
     ftf = f[idx].T @ f[idx]
@@ -198,24 +212,35 @@ def paste(cube: torch.Tensor, coords: np.ndarray, spectra: np.ndarray) -> torch.
     out[:, coords[:, 0], coords[:, 1]] = torch.as_tensor(spectra, dtype=out.dtype).T
     return out
 
-def calibration_scores(runs: list, hsi: np.ndarray, srf: torch.Tensor, k: int, seed: int) -> dict[str, list[dict]]:
-    """eval --calib-points: per seed's run (pred, ...), the metrics of its cube corrected with k pixels of the
-    truth drawn once by seed, over all pixels and over the unmeasured ones (see CALIBRATION_CONVENTION)."""
+def calibration_points(hsi: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """eval --calib-points: k pixels (k, 2) of a scene (H, W, 31), drawn once by seed, and their true spectra
+    (k, 31), as a spectrometer would measure them."""
     h, w = hsi.shape[:2]
     if not 0 < k < h * w:
         raise UsageError(f"--calib-points must be between 1 and the scene's {h * w - 1} pixels, got {k}")
     coords = pixel_coords(np.sort(np.random.default_rng(seed).choice(h * w, k, replace=False)), w)
-    spectra = hsi[coords[:, 0], coords[:, 1]]
+    return coords, hsi[coords[:, 0], coords[:, 1]]
+
+def calibration_scores(runs: list, fed: list, hsi: np.ndarray, srf: torch.Tensor, coords: np.ndarray,
+                       spectra: np.ndarray) -> dict[str, list[dict]]:
+    """eval --calib-points: per seed, the metrics of its cube corrected with the measured spectra (k, 31) at
+    coords (k, 2), over all pixels and over the unmeasured ones, and of the cube the network made with them
+    in its point cube (`fed`, the same seeds' (pred, ...)), with and without that correction, over the
+    unmeasured pixels (see CALIBRATION_CONVENTION)."""
+    h, w = hsi.shape[:2]
     target = torch.from_numpy(hsi).permute(2, 0, 1)
     rgb, target = cameras.rgb_from_hsi(target[None], srf)[0], as_float64(target)
     keep = torch.ones(h, w, dtype=torch.bool)
     keep[coords[:, 0], coords[:, 1]] = False
-    scores = {"all": [], "unmeasured": [], "uncorrected_unmeasured": []}
-    for pred, *_ in runs:
+    scores = {"all": [], "unmeasured": [], "uncorrected_unmeasured": [], "fed_unmeasured": [],
+              "fed_calibrated_unmeasured": []}
+    for (pred, *_), (pred_fed, *_) in zip(runs, fed):
         fixed = calibrate(pred, rgb, srf, coords, spectra)
         scores["all"].append(metrics(paste(fixed, coords, spectra), target))
         scores["unmeasured"].append(metrics(fixed, target, keep))
         scores["uncorrected_unmeasured"].append(metrics(pred, target, keep))
+        scores["fed_unmeasured"].append(metrics(pred_fed, target, keep))
+        scores["fed_calibrated_unmeasured"].append(metrics(calibrate(pred_fed, rgb, srf, coords, spectra), target, keep))
     return scores
 
 def calibration_line(cal: dict) -> str:
@@ -271,7 +296,7 @@ def evaluate(ckpt_path: str | Path, out: str | Path, root: str | None = None, sc
     """Evaluate a checkpoint on whole scenes (default: the run's test scenes, from the run's own data folder
     root, or the demo scenes); write each scene's outputs and metrics.json into out; return the report."""
     ckpt = load_checkpoint(ckpt_path)
-    model = build_model(ckpt, pick_device(device))
+    model = build_model(ckpt, pick_device(device), ckpt_path)
     run = ckpt["train_config"]
     srf = torch.from_numpy(cameras.srf_matrix(run["srf"]))
     gamma, points = tuple(ckpt["gamma"]), ckpt["model_config"]["points"]
@@ -317,7 +342,10 @@ def evaluate(ckpt_path: str | Path, out: str | Path, root: str | None = None, sc
             baseline_all.append(entry[base_key])
             entry[base_key]["bands"] = band_stats(base, target)
         if calib_points:
-            scores = calibration_scores(runs, hsi, srf, calib_points, scene_seed(run["seed"], f"{name} calib"))
+            measured = calibration_points(hsi, calib_points, scene_seed(run["seed"], f"{name} calib"))
+            fed = [eval_scene(model, hsi, srf, run["label_ratio"], gamma, points, s, tile, measured)
+                   for s in range(seeds)]
+            scores = calibration_scores(runs, fed, hsi, srf, *measured)
             entry["calibration"] = {"points": calib_points, **{k: summarise(v) for k, v in scores.items()}}
             calibrated.append(scores)
             print(f"{name}, corrected with {calib_points} true spectra: {calibration_line(entry['calibration'])}")
@@ -362,8 +390,8 @@ def add_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--scenes", nargs="*", default=None, help="default: the run's test scenes")
     e.add_argument("--tile", type=int, default=0, help="0 = whole image (the protocol); >0 bounds memory")
     e.add_argument("--calib-points", type=int, default=0, metavar="K",
-                   help="also score predict --points: correct each cube with K pixels of its own truth, scored "
-                        "over all pixels and over the unmeasured ones (beyond the paper)")
+                   help="also score predict --points: K pixels of each scene's own truth fed to the network "
+                        "and/or correcting its cube, scored over the unmeasured pixels (beyond the paper)")
     e.add_argument("--envi", action="store_true", help="also write the cube as ENVI (cube.hdr + cube.img, BSQ)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 

@@ -1,8 +1,8 @@
 """
 Counting multiply-accumulates (MACs), three ways, each stated exactly (bench.py --only bodies prints them).
 
-  macs          torch.utils.flop_counter's FLOPs / 2 less SS2D's zero blocks ("flop/2"): what docs/design.md's
-                figures and the size test of test_pixelssr.py use
+  macs          torch.utils.flop_counter's FLOPs / 2 less SS2D's zero blocks ("flop/2"): what torch's own counter
+                says, beside the two counts below
   MACCount      two counts at once, per part of a model:
                 "layers only", the paper's convention as best it can be inferred (thop-style: nn.Conv2d,
                 nn.ConvTranspose2d and nn.Linear calls alone), and
@@ -10,8 +10,8 @@ Counting multiply-accumulates (MACs), three ways, each stated exactly (bench.py 
                 and the selective scan's recurrence
   count_parts   parameters and both counts per part (PARTS) of a backbones.network
 
-Why two: the paper's Table 4 gives P_spa ~0.02 G, far less than its FRFT alone computes, so its counter
-saw convolutions and linear layers only; a reader comparing proportions needs that count, and a reader
+Why two: the paper's Table 4 gives P_spa ~0.05 G, far less than its FRFT alone computes, so its counter
+saw convolutions and linear layers only (docs/design.md, "Model size", and test_macs.py compare under it); a reader comparing proportions needs that count, and a reader
 sizing hardware needs the real one.
 """
 
@@ -42,7 +42,7 @@ def ss2d_zero_macs(block: SS2D, x: torch.Tensor) -> int:
 def macs(fn: Callable[[], object]) -> float:
     """Multiply-accumulates of fn(), a forward pass: torch.utils.flop_counter's FLOPs / 2, the count papers
     call FLOPs, less the zero blocks of each SS2D's block-diagonal Δ projection (ss2d_zero_macs). This is
-    flop_counter's convention ("flop/2" in bench_bodies), the one docs/design.md's figures use: a complex
+    flop_counter's convention ("flop/2" in bench_bodies): a complex
     product counts as one real product, the selective scan's recurrence not at all, and CPU attention
     (scaled_dot_product_attention's CPU kernel, which flop_counter does not know) not at all; MACCount
     counts those too. (Only forwards are corrected: a backward in fn would count the Δ matrix's two

@@ -29,6 +29,7 @@ Glossary (code name = paper symbol):
   prior      = M, root-polynomial RGB-to-spectrum map (6, 31), only with Config.prior = "rootpoly" (not the paper's)
   gate       = g, per-band scale of the correction to M (31, 1, 1), zero at the start; with the prior only
   C          = cfg.width (the paper's B = 40)             ratio  = omega, the label ratio
+  C'         = cfg.drpn_width, of F1, P_spa and P_hf (Table 4's costs; docs/design.md "Model size")
   body       = the dotted box of Fig. 3: Y3 and P_spe (and X) in, the 31 bands before the output layer out
 """
 
@@ -48,7 +49,7 @@ from ssm import SS2D
 @dataclass
 class Config:
     bands: int = 31                 # 400-700 nm in 10 nm steps, the CAVE / NTIRE convention
-    width: int = 40                 # C, feature width of DRPN and level 0 (paper Sec. 4.1: B = 40)
+    width: int = 40                 # C, feature width of the body's level 0 (paper Sec. 4.1: B = 40)
     d_state: int = 8                # n of the PromptSSM scans; Mamba's 16 is far over the paper's MACs (Table 10)
     expand: int = 2                 # SS2D inner width E = expand * width in the PromptSSMs, as VMamba
     heads: int = 1                  # spectral-attention heads at level 0, doubled at level 1 (MST++)
@@ -279,8 +280,8 @@ class PromptSSM(nn.Module):
 class SpaPrompt(nn.Module):
     """Spa-FRFT prompt P_spa, Eq. (4): a scan in the spatial domain and one in the FRFT domain.
 
-    The FRFT of F1 is complex; it enters the second scan as 2C real channels [Re; Im], leaves as
-    2C, goes back by the inverse FRFT (order -a) and its real part is kept. The order a is learnable
+    The FRFT of F1 is complex; it enters the second scan as 2C' real channels [Re; Im], leaves as
+    2C', goes back by the inverse FRFT (order -a) and its real part is kept. The order a is learnable
     (one for both axes). It is stored divided by `order_scale`: Adam moves every parameter by ~lr per
     step whatever its gradient (and the order's gradient is ~N.|x|, frft.py), so this gives the order
     a 10x smaller learning rate than the weights — a step of lr in a is a large rotation of the
@@ -350,7 +351,7 @@ class DRPN(nn.Module):
     def forward(self, rgb: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """rgb (b, 3, h, w), points (b, 31, h, w) -> Y3 (b, 31, h, w) and one P_spe (b, heads, d, d) per
         prompted block of the body, or None."""
-        f1 = self.f1(rgb) if self.f1 is not None else None  # Eq. (4), (b, C, h, w)
+        f1 = self.f1(rgb) if self.f1 is not None else None  # Eq. (4), (b, C', h, w)
         x_m = rgb.mean(1, keepdim=True)  # Eq. (6), X_m
         y = self.y1(torch.cat([points, x_m], 1))  # Eq. (6), Y1
         y = self.y2(torch.cat([y, self.spa(f1)], 1) if self.spa is not None else y)  # Eq. (7), Y2
@@ -491,7 +492,7 @@ def pixel_ssr_loss(model: DyProMamba, rgb: torch.Tensor, hsi: torch.Tensor, y3: 
     rgb (b, 3, h, w); hsi = Y^r and y3 = Y3 (b, 31, h, w); target (b, 31, h, w), read only where
     mask (b, 1, h, w, bool) is set; srf (3, 31); weights: the terms' weights (default LOSS_WEIGHTS; its
     "smooth" is the unsupervised mode's prior, smoothness plus a hinge on negative values that the default
-    |.| output never meets: the loss the classical smoothest-spectrum answer minimises, train.smoothest_spectra).
+    |.| output never meets: the loss the classical smoothest-spectrum answer minimises, evaluate.smoothest_spectra).
     Returns (total, {term name: value}) so that training can log every term. A term of weight 0 is not
     computed at all (Table 6's "w/o" rows): it is absent from the dict and nothing flows through it.
     """

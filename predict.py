@@ -4,7 +4,8 @@
 A photo is not the model's RGB: it is gamma-encoded sRGB, white-balanced, exposed at will. predict
 turns it into S.Y-like values at the level the model was trained on, says when it still looks unlike
 them, reconstructs it (whole up to WHOLE_MAX pixels, as eval does; in overlapping tiles beyond), and with
---points corrects the cube with a spectrometer's measurements (evaluate.calibrate; beyond the paper).
+--points uses a spectrometer's measurements, in the network's point cube and to correct its cube
+(evaluate.calibrate; beyond the paper).
   - decoding: sRGB -> linear light -> the model's RGB (cameras.model_rgb_from_srgb)    photo_rgb
   - exposure to the training level, out-of-distribution warnings     exposure_gain, photo_warnings
   - the command                                                       predict, add_arguments, run
@@ -21,8 +22,8 @@ import torch
 import cameras
 import data
 import pixelssr as P
-from evaluate import CALIBRATION_METHOD, calibrate, paste, reconstruct, write_outputs
-from runs import build_model, load_checkpoint, pick_device, positive, seeded
+from evaluate import CALIBRATION_METHOD, calibrate, paste, points_exposure, reconstruct, write_outputs
+from runs import UsageError, build_model, load_checkpoint, pick_device, positive, seeded
 
 CLIPPED = 1 - 0.5 / 255    # a channel this close to full scale recorded more light than it holds
 
@@ -80,11 +81,12 @@ def photo_warnings(rgb: np.ndarray, clipped: float, train_rgb: np.ndarray) -> li
 
 def predict(ckpt_path: str | Path, image: str | Path, out: str | Path, points: str | None = None, seed: int = 0,
             kind: str = "auto", exposure: str | None = None, tile: int | None = None, envi: bool = False,
-            device: str = "auto") -> torch.Tensor:
+            device: str = "auto", use_points: str | None = None) -> torch.Tensor:
     """Reconstruct the photo `image` with a checkpoint; write the cube and its preview into out; return the
-    cube (31, H, W). kind, exposure and tile as the flags --input, --exposure and --tile."""
+    cube (31, H, W). kind, exposure, tile and use_points as the flags --input, --exposure, --tile and
+    --use-points (None: both for a run trained with --measured-points, else calibration)."""
     ckpt = load_checkpoint(ckpt_path)
-    model = build_model(ckpt, pick_device(device))
+    model = build_model(ckpt, pick_device(device), ckpt_path)
     srf_name = ckpt["train_config"]["srf"]
     srf = torch.from_numpy(cameras.srf_matrix(srf_name))
     rgb, kind, clipped = photo_rgb(image, kind, srf_name)
@@ -104,12 +106,26 @@ def predict(ckpt_path: str | Path, image: str | Path, out: str | Path, points: s
     tile = tile if tile is not None else (0 if H * W <= WHOLE_MAX else TILE)
     pts = P.sample_points((1, 31, H, W), ckpt["train_config"]["label_ratio"], *ckpt["gamma"], generator=seeded(seed),
                           dist=ckpt["model_config"]["points"])[0]
-    pred = reconstruct(model, rgb, pts, tile).clamp(0, 1).cpu()
     if points:
         coords, spectra = data.read_points(points, H, W)
-        pred = paste(calibrate(pred, rgb, srf, coords, spectra), coords, spectra)
-        print(f"corrected with the {len(coords)} measured spectra of {points} ({CALIBRATION_METHOD}), "
-              f"which replace the reconstruction at their pixels")
+        use_points = use_points or ("both" if ckpt["train_config"].get("measured_points") else "calibration")
+        scale = points_exposure(rgb, srf, coords, spectra)  # S.y = scale.X at the measured pixels
+        if not scale > 0:
+            raise UsageError(f"{points}: the measured spectra do not match the image's colours at their pixels "
+                             f"(exposure factor {scale:.3g}); check their rows and columns.")
+    if points and use_points in ("network", "both"):  # at the RGB's exposure, as training fed them
+        pts = paste(pts, coords, spectra / scale)
+        print(f"the {len(coords)} measured spectra of {points} enter the network's point cube at their pixels")
+    pred = reconstruct(model, rgb, pts, tile).clamp(0, 1).cpu()
+    if points and use_points in ("calibration", "both"):
+        pred = calibrate(pred, rgb, srf, coords, spectra)
+        print(f"corrected with the {len(coords)} measured spectra of {points} ({CALIBRATION_METHOD})")
+    elif points:  # the cube at the spectra's scale, as calibrate's first step brings it
+        pred = (pred * scale).clamp(0, 1)
+    if points:
+        pred = paste(pred, coords, spectra)
+        print(f"the measured spectra replace the reconstruction at their pixels; the cube is at their scale "
+              f"(x{scale:.4g} the network's input)")
     write_outputs(Path(out), pred, envi=envi, exposure=gain)
     print(f"wrote a {tuple(pred.shape)} cube to {Path(out) / 'cube.npy'}, .mat{', .hdr/.img' if envi else ''}"
           + (f" (tiles of {tile})" if tile else ""))
@@ -141,8 +157,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto (default for srgb): the photo's mean to the training RGB's; or a factor "
                         "(default 1 for linear input)")
     p.add_argument("--points", default=None, metavar="FILE.csv",
-                   help="spectra you measured in this image (row, col, 31 values at 400-700 nm a line): they "
-                        "correct the reconstruction (beyond the paper)")
+                   help="spectra you measured in this image (row, col, 31 values at 400-700 nm a line): fed to "
+                        "the network and/or correcting its cube (--use-points), and kept at their pixels (beyond the paper)")
+    p.add_argument("--use-points", default=None, choices=["both", "network", "calibration"],
+                   help="what --points does: enter the network's point cube (a run trained with --measured-points "
+                        "reads them), correct its cube afterwards (evaluate.calibrate), or both; default: both "
+                        "for a run trained with --measured-points, else calibration")
     p.add_argument("--tile", type=positive, default=None,
                    help=f"tile size (default: the whole image, as eval, up to {WHOLE_MAX} pixels; tiles of {TILE} beyond)")
     p.add_argument("--envi", action="store_true", help="also write the cube as ENVI (cube.hdr + cube.img, BSQ)")
@@ -151,4 +171,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> torch.Tensor:
     return predict(args.ckpt, args.rgb, args.out, args.points, args.seed, args.input, args.exposure, args.tile,
-                   args.envi, args.device)
+                   args.envi, args.device, args.use_points)

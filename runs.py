@@ -6,21 +6,24 @@ the network a checkpoint holds, data-parallel ranks (torchrun), and the CPU allo
   pick_device, Ranks, start_ranks, unwrap  --device auto|cpu|cuda[:N]; torchrun's processes (fit only)
   slice_shares, autocast         a rank's share of a batch's loss terms; --amp bf16
   stable_seed, seeded            seeds that are pure functions of their keys, on every machine
-  save_atomic, load_checkpoint, build_model   a run's checkpoint: written atomically, read back checked
+  save_atomic, load_checkpoint, build_model, load_weights   a run's checkpoint: written atomically, read back
+                                 checked; one of an earlier network refused in one sentence (earlier_network)
   keep_freed_cpu_memory          glibc's malloc keeps freed memory for reuse (docs/performance.md)
-  Budget, positive, add_run_flags, parse_run_args, refuse_contradiction, drop_log_after
+  Budget, positive, share, add_run_flags, parse_run_args, refuse_contradiction, drop_log_after
                                  what fit and pretrain share: --max-minutes, the flags of a run, --resume
   provenance                     the commit, torch, device, threads and command line a figure came from
 
 A checkpoint (`fit`'s RUN/last.pt, best.pt) is a dict with CHECKPOINT_KEYS: the model and training
 configs, the weights (and "ema", the weight average, with --ema), Adam's state, the step and schedule,
-the data folder and its split, the run's fixed label sets and its Gamma parameters (docs/design.md).
+the data folder and its split, the run's fixed label sets and its Gamma parameters (docs/design.md), and
+"provenance", the commit, torch, device and command line that started the run.
 """
 
 import argparse
 import ctypes
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -121,13 +124,34 @@ def load_checkpoint(path: str | Path, keys: tuple[str, ...] = CHECKPOINT_KEYS,
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UsageError(f"{path}: not a {what} (no {', '.join(missing)}).")
+    stale = set(ckpt.get("model_config", {})) - {f.name for f in dataclasses.fields(P.Config)}
+    if "model_config" in keys and stale:
+        raise earlier_network(path, ckpt, f"its settings {', '.join(sorted(stale))} no longer exist")
     return ckpt
 
 
-def build_model(ckpt: dict, device: torch.device) -> P.DyProMamba:
-    """The network a checkpoint is evaluated with: its weight average when the run kept one (--ema)."""
+def earlier_network(path: str | Path, ckpt: dict, why: str) -> UsageError:
+    """What a checkpoint of a network this code no longer builds is told, and what to do: the commit that
+    made it, which fit records in the checkpoint ("provenance")."""
+    made = ckpt.get("provenance", {}).get("commit")
+    code = f"commit {made}" if made else "a commit from before checkpoints named theirs (git log)"
+    return UsageError(f"{path}: a checkpoint of an earlier pixelssr network ({why}); use it with the code that "
+                      f"made it, {code}, or train again.")
+
+
+def load_weights(model: torch.nn.Module, ckpt: dict, key: str, path: str | Path) -> None:
+    """model.load_state_dict(ckpt[key]), or one sentence naming `path` if the weights do not fit the network."""
+    try:
+        model.load_state_dict(ckpt[key])
+    except RuntimeError:  # torch lists every mismatched tensor; the user needs to know what the file is
+        raise earlier_network(path, ckpt, "its weights do not fit the network its settings build") from None
+
+
+def build_model(ckpt: dict, device: torch.device, path: str | Path = "the checkpoint") -> P.DyProMamba:
+    """The network a checkpoint (read from `path`) is evaluated with: its weight average when the run kept
+    one (--ema)."""
     model = backbones.network(P.Config(**ckpt["model_config"])).to(device)
-    model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"])
+    load_weights(model, ckpt, "ema" if "ema" in ckpt else "model", path)
     return model.eval()
 
 
@@ -228,7 +252,7 @@ def provenance(device: torch.device | str) -> dict:
         commit += " + uncommitted changes" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown (not a git checkout)"
-    return {"commit": commit, "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+    return {"commit": commit, "torch": str(torch.__version__), "device": str(device), "threads": torch.get_num_threads(),
             "command": " ".join(["python", *sys.argv])}
 
 
@@ -264,6 +288,17 @@ def positive(text: str) -> int:
     if not text.lstrip("+").isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return int(text)
+
+
+def share(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1")
+    return value
 
 
 def refuse_contradiction(flag: str, now, was) -> None:

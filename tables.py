@@ -11,12 +11,17 @@
   maektsr    MAE-KTSR (its abstract's claim): Pixel-SSR, the stage-2 CNN alone, with a random encoder, with
              S2-MAE pre-trained and ISFF, at 0.01 % labels (pre-trained on the labelled points) and at
              image level (on the training cubes); --max-minutes is each stage's budget
+  recipe     the CPU recipe (beyond the paper: --prior rootpoly --exposure 2 --warmup 10) and the paper's network
+
+--folds runs every row once per scene of --data with that scene as the only test scene and the others
+training (leave-one-scene-out; --val-scenes are never a fold), so that no scene that chose a setting is
+the one it is reported on; table.md adds each fold's PSNR beside the regression's.
 
 A row is a label and the fit settings it changes (fit's dests, e.g. use_spa=False); the table's own
 flags and any other fit flag apply to every row. A second call after an interrupted one finishes the cut
 runs and redoes nothing that finished. Writes table.json and table.md: mean +- std over the training
-seeds (each its eval's mean over Gamma draws and test scenes), and the classical baseline of each label
-ratio as its own row.
+seeds (each its eval's mean over Gamma draws and test scenes; with --folds over folds and seeds, the
+spread of scenes), and the classical baseline of each label ratio as its own row.
 """
 
 import argparse
@@ -27,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import data
 import evaluate
 import pretrain
-from runs import positive
+from runs import UsageError, positive
 
 PAPER_BODIES = ("dypro", "mst++", "hscnn+")  # Table 2's; backbones.BODIES also holds MAE-KTSR's stage 2
 
@@ -56,6 +62,8 @@ TABLES = {
                                   ("stage-2 CNN alone", {"backbone": "maektsr", "use_isff": False}),
                                   ("random encoder + ISFF", {"backbone": "maektsr", "mae_init": "random"}),
                                   (f"S2-MAE ({source}) + ISFF", {"backbone": "maektsr", "pretrain": source}))],
+    "recipe": [("CPU recipe (prior, exposure, warm-up)", {"prior": "rootpoly", "exposure": 2.0, "warmup": 10}),
+               ("the paper's network (defaults)", {})],
 }
 TABLE_METRICS = ("psnr", "ssim", "sam", "mrae", "rmse")
 
@@ -68,35 +76,31 @@ def row_dir(label: str) -> str:
 
 
 def table(args: argparse.Namespace, fit: Callable, fit_args: Callable) -> dict:
-    """Run every row of table args.name over args.seeds training seeds, each a fit and an eval, skipping runs
-    whose eval is written and resuming fits that were cut short; write table.json and table.md.
+    """Run every row of table args.name over args.seeds training seeds (and with --folds every fold), each a
+    fit and an eval, skipping runs whose eval is written and resuming fits that were cut short; write
+    table.json and table.md.
     fit and fit_args are train.py's (handed in: train.py dispatches this command, so this file does not
     import it)."""
     out = Path(args.out)
-    shared = {"max_minutes": args.max_minutes, "device": args.device,
-              **({"data": args.data} if args.data else {}),
-              **({"test_scenes": args.test_scenes} if args.test_scenes is not None else {})}
-    rows = []
+    shared = {"max_minutes": args.max_minutes, "device": args.device, **({"data": args.data} if args.data else {})}
+    rows, test_scenes = [], folds(args, fit_args)
     for label, settings in TABLES[args.name]:
         runs = []
-        for seed in range(args.seeds):
-            run = out / row_dir(label) / f"seed{seed}"
-            report = run / "eval" / "metrics.json"
-            if not report.is_file():
-                resume = (run / "last.pt").is_file()  # cut short before its eval: finish it, keep what it did
-                print(f"\n== {args.name}: {label}, seed {seed}" + (" (resumed)" if resume else ""))
-                if resume:
-                    fit(fit_args([], out=str(run), resume=True, max_minutes=args.max_minutes, device=args.device))
-                else:
+        for fold in test_scenes:
+            test = {"test_scenes": [fold]} if fold else ({"test_scenes": args.test_scenes} if args.test_scenes
+                                                           is not None else {})
+            for seed in range(args.seeds):
+                run = out / row_dir(label) / (f"fold_{fold}" if fold else "") / f"seed{seed}"
+                report = run / "eval" / "metrics.json"
+                if not report.is_file():
+                    print(f"\n== {args.name}: {label}{f', test scene {fold}' if fold else ''}, seed {seed}")
                     fit_settings = {k: v for k, v in settings.items() if k != "pretrain"}
-                    run_args = fit_args(args.fit_args, **shared, **fit_settings, seed=seed, out=str(run))
-                    if "pretrain" in settings:
-                        run_args.mae_ckpt = str(stage_one(run / "pretrain", run_args, settings["pretrain"]))
-                    fit(run_args)
-                evaluate.evaluate(run / "last.pt", run / "eval", seeds=args.eval_seeds, tile=args.tile,
-                                  device=args.device)
-            ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
-            runs.append({"seed": seed, "steps": ckpt["step"], "report": json.loads(report.read_text())})
+                    fit_run(args, fit, fit_args, fit_args(args.fit_args, **shared, **test, **fit_settings, seed=seed,
+                                                          out=str(run)), settings.get("pretrain"))
+                    evaluate.evaluate(run / "last.pt", run / "eval", seeds=args.eval_seeds, tile=args.tile,
+                                      device=args.device)
+                ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+                runs.append({"seed": seed, "fold": fold, "steps": ckpt["step"], "report": json.loads(report.read_text())})
         rows.append({"label": label, "settings": settings, "runs": runs})
     result = {"table": args.name, "command": "python train.py table " + " ".join(args.argv), "rows": rows}
     with open(out / "table.json", "w") as f:
@@ -104,6 +108,31 @@ def table(args: argparse.Namespace, fit: Callable, fit_args: Callable) -> dict:
     (out / "table.md").write_text(table_markdown(result))
     print(f"wrote {out / 'table.md'} and {out / 'table.json'}")
     return result
+
+
+def folds(args: argparse.Namespace, fit_args: Callable) -> list[str | None]:
+    """The test scene of each fold with --folds: every scene of --data but the validation scenes, in turn;
+    without it one fold, None, whose test scenes are --test-scenes' (or fit's default)."""
+    if not args.folds:
+        return [None]
+    if args.test_scenes is not None:
+        raise UsageError("--folds makes each scene the test scene in turn; drop --test-scenes.")
+    val = set(data.split_scenes(data.scene_names(args.data), [], fit_args(args.fit_args).val_scenes)[1])
+    return [n for n in data.scene_names(args.data) if n not in val]
+
+
+def fit_run(args: argparse.Namespace, fit: Callable, fit_args: Callable, run_args: argparse.Namespace,
+            source: str | None) -> None:
+    """One row's fit into run_args.out: finished with its own settings if a cut-short one is there, else new,
+    after MAE-KTSR's pre-training on `source`'s data when the row asks for it."""
+    run = Path(run_args.out)
+    if (run / "last.pt").is_file():  # cut short before its eval: finish it, keep what it did
+        print("(resumed)")
+        fit(fit_args([], out=str(run), resume=True, max_minutes=args.max_minutes, device=args.device))
+        return
+    if source:
+        run_args.mae_ckpt = str(stage_one(run / "pretrain", run_args, source))
+    fit(run_args)
 
 
 def stage_one(out: Path, fit_args: argparse.Namespace, source: str) -> Path:
@@ -123,8 +152,8 @@ def stage_one(out: Path, fit_args: argparse.Namespace, source: str) -> Path:
 
 
 def table_markdown(result: dict) -> str:
-    """The paper's layout: a row per setting, PSNR / SSIM / SAM / MRAE / RMSE as mean +- std over the training
-    seeds (each its eval's mean over Gamma draws and test scenes), the steps trained, then one row per classical
+    """The paper's layout: a row per setting, PSNR / SSIM / SAM / MRAE / RMSE as mean +- std over the row's runs
+    (training seeds, and folds with --folds; each its eval's mean over Gamma draws and test scenes), the steps trained, then one row per classical
     baseline (per label ratio: the regression on each seed's labels, or the smoothest spectrum without any)."""
     def cell(values: list[float]) -> str:
         return f"{np.mean(values):.4g} ± {np.std(values):.2g}" if len(values) > 1 else f"{values[0]:.4g}"
@@ -138,11 +167,29 @@ def table_markdown(result: dict) -> str:
                      + f" | {'/'.join(str(r['steps']) for r in row['runs'])} |")
         for key, name in BASELINES.items():
             if key in reports[0]:
-                baselines.setdefault((name, reports[0]["label_ratio"]), [r[key] for r in reports])
+                baselines.setdefault((name, reports[0]["label_ratio"]), [r[key] for r in reports if key in r])
     for (name, ratio), reports in baselines.items():
         lines.append(f"| {name} (omega = {ratio * 100:g} %) | " + " | ".join(cell([r[m]["mean"] for r in reports])
                                                                          for m in TABLE_METRICS) + " | - |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + fold_lines(result["rows"], cell)) + "\n"
+
+
+def fold_lines(rows: list[dict], cell: Callable) -> list[str]:
+    """With --folds: PSNR per test scene, each row's (over its seeds) beside the classical baseline of the
+    first row's runs on that fold (the regression on that row's labels, "-" where it has none); none without
+    folds."""
+    scenes = list(dict.fromkeys(r["fold"] for r in rows[0]["runs"] if r.get("fold")))
+    if not scenes:
+        return []
+    first = f"{rows[0]['label']}: its classical baseline"
+    lines = ["", "PSNR per fold (test scene):", "", "| test scene | " + " | ".join(row["label"] for row in rows)
+             + f" | {first} |", "|" + "---|" * (len(rows) + 2)]
+    for scene in scenes:
+        runs = [[r["report"] for r in row["runs"] if r["fold"] == scene] for row in rows]
+        base = [r[k]["psnr"]["mean"] for r in runs[0] for k in BASELINES if k in r]
+        lines.append(f"| {scene} | " + " | ".join(cell([r["overall"]["psnr"]["mean"] for r in reports]) for reports in runs)
+                     + f" | {cell(base) if base else '-'} |")
+    return lines
 
 
 # -----------------------------------------------------------------------------
@@ -156,6 +203,7 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--seeds", type=positive, default=1, help="training seeds per row (mean +- std)")
     t.add_argument("--eval-seeds", type=positive, default=1, help="Gamma draws per scene in each eval")
     t.add_argument("--test-scenes", nargs="*", default=None)
+    t.add_argument("--folds", action="store_true", help="leave-one-scene-out: each scene of --data the test scene in turn")
     t.add_argument("--tile", type=int, default=0, help="eval tile size (0: whole images, the protocol)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 

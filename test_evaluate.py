@@ -140,6 +140,23 @@ def test_smoothest_spectra_are_non_negative_consistent_with_the_rgb_and_no_rough
     assert (hsi @ s.T).min() >= 0 and ((y == 0).any(1)).any()  # the constraint was active somewhere
 
 
+@pytest.mark.parametrize("change", ["a setting the code no longer has", "weights of another shape"])
+def test_a_checkpoint_of_an_earlier_network_is_refused_in_one_sentence(tmp_path, change):
+    """A checkpoint written before the network changed (a Config field since removed, or the same fields
+    with weights of other shapes) is named, said to be of an earlier network, with what to do: the code of
+    the commit that made it; no traceback of torch's state-dict mismatch."""
+    root = _demo_dir(tmp_path)
+    ckpt = _fit(root, tmp_path / "run")
+    if change == "weights of another shape":
+        ckpt["model"]["body.out.weight"] = ckpt["model"]["body.out.weight"][:, :-1]
+    else:
+        ckpt["model_config"]["drpn_d_state"] = 4
+    torch.save(ckpt, tmp_path / "old.pt")
+    with pytest.raises(runs.UsageError, match=r"old\.pt: a checkpoint of an earlier pixelssr network .*; use it with "
+                                               r"the code that made it, commit [0-9a-f]{12}"):
+        evaluate.evaluate(tmp_path / "old.pt", tmp_path / "eval", str(root), seeds=1)
+
+
 @needs_data
 @pytest.mark.parametrize("k", [1, 2, 25])
 def test_calib_points_bring_the_unmeasured_pixels_closer_to_the_truth(real_run, tmp_path, k):
@@ -193,6 +210,44 @@ class _PixelwiseModel(torch.nn.Module):
     def forward(self, rgb: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.mix(torch.cat([rgb, points], 1))
         return y, y
+
+
+def _scene_and_points(k: int = 5) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """A 32 x 32 demo scene (H, W, 31) and k of its pixels with their true spectra, as eval draws them."""
+    hsi = data.demo_scenes(n=1, size=32)[0][1]
+    return hsi, evaluate.calibration_points(hsi, k, seed=0)
+
+
+def test_measured_points_fed_to_the_network_change_its_output_beyond_their_pixels():
+    """eval_scene with a spectrometer's points pastes them into the point cube the network reads: the
+    output moves, and not only at the measured pixels (the network spreads what it reads). Guards against
+    measured points that never reach the network."""
+    hsi, (coords, spectra) = _scene_and_points()
+    model = _model().eval()
+    srf = torch.from_numpy(cameras.srf_matrix("cie1964"))
+    with torch.no_grad():
+        plain = evaluate.eval_scene(model, hsi, srf, 1e-4, (2.0, 0.1), "gamma", 0)[0]
+        fed = evaluate.eval_scene(model, hsi, srf, 1e-4, (2.0, 0.1), "gamma", 0, measured=(coords, spectra))[0]
+    moved = (fed - plain).abs().amax(0) > 1e-6  # (H, W)
+    moved[coords[:, 0], coords[:, 1]] = False
+    assert moved.any()
+
+
+def test_calib_points_never_score_a_measured_pixel_as_unmeasured():
+    """With a network whose output at a pixel depends on that pixel's input alone, feeding the measured
+    spectra changes the cube at the measured pixels only; so over the unmeasured pixels the fed cube scores
+    exactly what the plain one does in every pixelwise metric (SSIM, windowed, is of the whole image). A
+    measured pixel counted as unmeasured would make the two scores differ."""
+    hsi, measured = _scene_and_points()
+    torch.manual_seed(0)
+    model, srf = _PixelwiseModel(), torch.from_numpy(cameras.srf_matrix("cie1964"))
+    with torch.no_grad():
+        runs_ = [evaluate.eval_scene(model, hsi, srf, 1e-4, (2.0, 0.1), "gamma", s) for s in range(2)]
+        fed = [evaluate.eval_scene(model, hsi, srf, 1e-4, (2.0, 0.1), "gamma", s, measured=measured) for s in range(2)]
+    assert not torch.equal(runs_[0][0], fed[0][0])
+    scores = evaluate.calibration_scores(runs_, fed, hsi, srf, *measured)
+    pixelwise = lambda runs: [{k: m[k] for k in evaluate.PIXEL_METRICS} for m in runs]  # noqa: E731
+    assert pixelwise(scores["fed_unmeasured"]) == pixelwise(scores["uncorrected_unmeasured"])
 
 
 @pytest.mark.parametrize("tile,overlap", [(24, 8), (16, 32), (7, 2)])  # 16: below the default overlap

@@ -47,3 +47,25 @@ def test_table_writes_every_row_and_a_second_call_after_an_interruption_redoes_n
     # the classical rows: unsupervised and image-level (0.01 % of a 48 x 48 scene is one pixel, too few to regress)
     assert "smoothest non-negative spectrum" in md and md.count("root-polynomial regression") == 1
     assert len(json.loads((out / "table.json").read_text())["rows"]) == 3
+
+
+def test_folds_hold_each_scene_out_in_turn_and_never_train_validate_or_fit_the_prior_on_it(tmp_path):
+    """`table recipe --folds` with a validation scene: one fold per other scene, whose run tests on that scene
+    alone; the scene is in none of that run's training scenes, validation scenes or label sets (which the
+    root-polynomial prior and the regression are fitted on), and the validation scene is never a fold.
+    table.md has each fold's PSNR beside the regression's."""
+    root, out = _demo_dir(tmp_path), tmp_path / "table"
+    argv = ["table", "recipe", "--folds", "--data", str(root), "--out", str(out), "--val-scenes", "demo_02",
+            "--label-ratio", "0.01", "--epochs", "1", *FAST]
+    assert train.main(argv) == 0
+    result = json.loads((out / "table.json").read_text())
+    for row in result["rows"]:
+        assert [r["fold"] for r in row["runs"]] == ["demo_00", "demo_01"]
+        for r in row["runs"]:
+            run = out / tables.row_dir(row["label"]) / f"fold_{r['fold']}" / "seed0"
+            ckpt = torch.load(run / "last.pt", weights_only=True)
+            assert ckpt["split"]["test"] == [r["fold"]] and ckpt["split"]["val"] == ["demo_02"]
+            assert r["fold"] not in ckpt["split"]["train"] + list(ckpt["labels"])
+            assert list(r["report"]["scenes"]) == [r["fold"]]
+    md = (out / "table.md").read_text()
+    assert "PSNR per fold" in md and all(f"| demo_0{i} |" in md for i in range(2))

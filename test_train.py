@@ -246,7 +246,7 @@ def test_fit_eval_predict_end_to_end_on_real_crops(real_run, tmp_path):
     run, ev, pr, report = real_run.run, real_run.eval, tmp_path / "pred", real_run.report
     assert list(report["scenes"]) == [REAL_TEST] and report["seeds"] == [0, 1]
     assert {"rmse", "psnr", "psnr_bandwise", "ssim", "sam", "mrae"} <= set(report["overall"])
-    assert set(real_run.ckpt) == set(runs.CHECKPOINT_KEYS)
+    assert set(real_run.ckpt) == {*runs.CHECKPOINT_KEYS, "provenance"}
     assert "root_poly_baseline" in report  # 115 labelled pixels in 3 scenes: enough to fit it
     cube = data.load_scene(ev / REAL_TEST / "cube.mat")
     np.testing.assert_allclose(cube, np.load(ev / REAL_TEST / "cube.npy"))
@@ -366,6 +366,25 @@ def test_time_budget_schedule_ends_at_the_budget(monkeypatch):
     assert total == step == 97 and clock[0] <= 100
 
 
+@pytest.mark.parametrize("share", [0.25, 0.75])
+def test_measured_points_feed_a_random_part_of_the_patchs_labels_with_their_true_spectra(share):
+    """--measured-points P: the point cube of a batch differs from the paper's (the same seeded Gamma draw)
+    at labelled pixels only, there it holds the pixel's true spectrum (the loss's target), and it does so at
+    about a share P of them. The fed points are thus a subset of the run's fixed label set."""
+    scenes = data.demo_scenes(n=2, size=64)
+    ds = labels.PatchDataset([(cube, labels.draw_label_set(64, 64, 0.02, i)) for i, (_, cube) in enumerate(scenes)],
+                             cameras.srf_matrix("cie1964"), patch=32, stride=16)
+    cfg = train.TrainConfig(batch_size=16, patch=32, label_ratio=0.02, measured_points=share)
+    (_, target, mask), pts = train.draw_batch(ds, 0, 0, cfg, (2.0, 0.1), "gamma", torch.device("cpu"))
+    _, paper = train.draw_batch(ds, 0, 0, dataclasses.replace(cfg, measured_points=0.0), (2.0, 0.1), "gamma",
+                                torch.device("cpu"))
+    fed = (pts != paper).any(1, keepdim=True)  # (b, 1, h, w)
+    assert not (fed & ~mask).any()
+    torch.testing.assert_close(pts * fed, target * fed, rtol=0, atol=0)
+    labelled = int(mask.sum())
+    assert labelled >= 16 and abs(fed.sum() / labelled - share) < 0.2
+
+
 def test_exposure_augmentation_scales_rgb_and_spectra_together():
     """Guards against scaling one side only (X = S.Y broken) or a factor outside [1/k, k]."""
     hsi = torch.rand(64, 31, 4, 4)
@@ -402,6 +421,7 @@ _FLAG_SETS = {
     "no_hf_no_spe_fft_no_ssim": (["--no-hf", "--no-spe", "--spa-transform", "fft", "--loss-weights", "ssim=0"],
                                  {"use_hf": False, "use_spe": False, "spa_transform": "fft"}),
     "no_drpn": (["--no-drpn"], {"use_drpn": False, "h2r": False}),
+    "measured_points": (["--measured-points", "0.5"], {}),
 }
 
 
@@ -414,6 +434,7 @@ def test_every_fit_flag_is_saved_in_the_checkpoint_and_eval_rebuilds_that_networ
     root, run = _demo_dir(tmp_path), tmp_path / "run"
     ckpt = _fit(root, run, *argv)
     assert {k: ckpt["model_config"][k] for k in fields} == fields
+    assert ckpt["train_config"]["measured_points"] == (0.5 if "--measured-points" in argv else 0)
     weights = train.parse_weights(ckpt["train_config"]["loss_weights"])
     assert weights["ssim"] == (0 if "ssim=0" in argv else 0.3) and weights["p2i"] == (0 if "--no-drpn" in argv else 0.3)
     built = []
@@ -464,6 +485,8 @@ def test_every_backbone_fits_two_steps_and_evaluates_on_a_real_crop(backbone, tm
     (["fit", "--out", "{tmp}/r", "--device", "cuda:7"], "cuda:7"),
     (["fit", "--out", "{tmp}/r", "--loss-weights", "phsi=1,sim=0.3"], "'sim'"),
     (["fit", "--out", "{tmp}/r", "--exposure", "0.5"], "--exposure"),
+    (["fit", "--out", "{tmp}/r", "--measured-points", "1"], "--measured-points"),
+    (["fit", "--out", "{tmp}/r", "--label-ratio", "1", "--measured-points", "0.5"], "--measured-points"),
 ])
 def test_bad_input_is_one_sentence_naming_the_file_or_flag_and_no_traceback(tmp_path, capsys, argv, words):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")

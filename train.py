@@ -54,8 +54,8 @@ import pretrain
 import tables
 from labels import PatchDataset, expand_label_sets, gamma_params, make_label_sets
 from runs import (Budget, Ranks, UsageError, add_run_flags, autocast, drop_log_after, keep_freed_cpu_memory,
-                  load_checkpoint, parse_run_args, positive, refuse_contradiction, save_atomic, seeded, slice_shares,
-                  start_ranks, unwrap)
+                  load_checkpoint, load_weights, parse_run_args, positive, provenance, refuse_contradiction, save_atomic,
+                  seeded, share, slice_shares, start_ranks, unwrap)
 
 
 @dataclasses.dataclass
@@ -81,6 +81,9 @@ class TrainConfig:
     amp: str = "none"               # "bf16": the network's forward under bfloat16 autocast (GPUs; see autocast)
     mae_init: str = "pretrained"    # --backbone maektsr: its encoder from --mae-ckpt, or "random" (a capacity control)
     mae_ckpt: str = ""              # the encoder `train.py pretrain` wrote (OUT/encoder.pt)
+    # beyond the paper: each labelled pixel of a patch enters its point cube with its true spectrum with this
+    # probability, so that the network learns to use a spectrometer's points (eval --calib-points, predict --points)
+    measured_points: float = 0.0
 
 def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
     """Polynomial decay from cfg.lr to zero with power cfg.lr_power (paper Sec. 4.1), after a linear
@@ -133,14 +136,15 @@ def fit_on(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> Path
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8)
     run = {"model_config": dataclasses.asdict(mcfg), "train_config": dataclasses.asdict(cfg), "step": 0,
            "total_steps": cfg.epochs * steps_per_epoch, "best_psnr": -math.inf, "data": root, "split": split,
-           "labels": stored, "gamma": list(gamma)}  # with the weights and Adam's state: the checkpoint
+           "labels": stored, "gamma": list(gamma),  # with the weights and Adam's state: the checkpoint
+           "provenance": ckpt["provenance"] if ckpt is not None and "provenance" in ckpt else provenance(device)}
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt, "model", out / "last.pt")
         optimizer.load_state_dict(ckpt["optimizer"])
         run.update(step=ckpt["step"], total_steps=ckpt["total_steps"], best_psnr=ckpt["best_psnr"])
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None  # the weights validated and saved for eval
     if ema is not None and ckpt is not None:
-        ema.load_state_dict(ckpt["ema"])
+        load_weights(ema, ckpt, "ema", out / "last.pt")
     srf_dev, weights = srf.to(device), parse_weights(cfg.loss_weights)
     net = model if ranks.world == 1 else DistributedDataParallel(model, [device] if device.type == "cuda" else None)
     judged = model if ema is None else ema  # the network validation scores and eval will build
@@ -225,6 +229,9 @@ def draw_batch(dataset: PatchDataset, epoch: int, i: int, cfg: TrainConfig, gamm
     rgb, target, mask = dataset.batch(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], g)
     rgb, target = augment_exposure(rgb, target, cfg.exposure, g)
     pts = P.sample_points(target.shape, cfg.label_ratio, *gamma, generator=g, dist=points, device=device)
+    if cfg.measured_points:  # a random part of the patch's fixed labels, at their pixels, over the Gamma cube
+        fed = mask & (torch.rand(mask.shape, generator=g) < cfg.measured_points)  # (b, 1, h, w)
+        pts = torch.where(fed.to(device), target.to(device), pts)
     return tuple(t.to(device) for t in (rgb, target, mask)), pts
 
 def augment_exposure(rgb: torch.Tensor, target: torch.Tensor, k: float, g: torch.Generator):
@@ -319,6 +326,10 @@ def run_configs(args) -> tuple[TrainConfig, P.Config]:
                          f"(got {cfg.warmup}, {cfg.val_every}), --ema in [0, 1) (got {cfg.ema}).")
     if not 0 <= cfg.label_ratio <= 1:
         raise ValueError(f"--label-ratio is a fraction of the pixels, from 0 to 1; got {cfg.label_ratio}.")
+    if cfg.measured_points and not (0 < cfg.label_ratio < 1 and cfg.measured_points < 1):
+        raise ValueError(f"--measured-points feeds a part of the labelled pixels to the network: it needs a label ratio "
+                         f"between 0 and 1 (got {cfg.label_ratio}) and a share below 1, so that some labels are only "
+                         f"scored (got {cfg.measured_points}).")
     if not args.use_drpn and weights["p2i"]:
         if "loss_weights" in args.given:
             raise ValueError("--no-drpn leaves no Y3 for L_P2I to constrain: give it weight 0 (p2i=0).")
@@ -356,7 +367,9 @@ def check_resume(args, ckpt: dict) -> None:
     """Raise, in one sentence, if a flag given with --resume contradicts the checkpoint's run."""
     cfg, mcfg = run_configs(args)
     now = {**dataclasses.asdict(cfg), **dataclasses.asdict(mcfg), "loss_weights": parse_weights(cfg.loss_weights)}
-    was = {**ckpt["train_config"], **ckpt["model_config"], "loss_weights": parse_weights(ckpt["train_config"]["loss_weights"])}
+    was = {**dataclasses.asdict(TrainConfig()), **dataclasses.asdict(P.Config()),  # a field added since: its default
+           **ckpt["train_config"], **ckpt["model_config"],
+           "loss_weights": parse_weights(ckpt["train_config"]["loss_weights"])}
     for role in ("test", "val"):  # scene lists compare as sets of names
         now[f"{role}_scenes"] = sorted(data.scene_name(n) for n in getattr(args, f"{role}_scenes") or [])
         was[f"{role}_scenes"] = sorted(ckpt["split"][role])
@@ -421,6 +434,9 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
         f.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     f.add_argument("--exposure", type=float, default=d.exposure, help="exposure augmentation factor k >= 1")
     f.add_argument("--ema", type=float, default=d.ema, help="decay of a weight average used for eval (0: none)")
+    f.add_argument("--measured-points", type=share, default=d.measured_points, metavar="P",
+                   help="feed each labelled pixel of a patch into the point cube with its true spectrum with "
+                        "probability P (beyond the paper: for eval --calib-points and predict --points)")
     f.add_argument("--loss-weights", default=d.loss_weights, help="Eq. (15) weights, e.g. phsi=1,rep=1,ssim=0.3,p2i=0.3")
     f.add_argument("--label-patches", action=argparse.BooleanOptionalAction, default=d.label_patches,
                    help="cut each training patch around a labelled pixel (the label set stays fixed)")
