@@ -15,7 +15,7 @@ What is here, in reading order:
   - SEResBlock, local_attention, ISFF, MAEKTSR, the body of pixelssr's paradigm    stage 2
   - encoder_state, load_encoder, pretrain_step: what the training script calls
 Sizes (defaults): S2-MAE about 1 M parameters, stage 2 about 0.75 M trainable with the encoder frozen; the
-measured counts, parameters and MACs per part: `python bench.py --only bodies` (docs/performance.md, "MAC counts").
+measured counts, parameters and MACs per part: `python bench.py --only bodies` (docs/performance.md, "Parameters and MACs").
 
 Glossary (code name = symbol):
   hsi   = Y, the cube (b, 31, H, W)           rgb   = X = S.Y (b, 3, H, W)      srf = S (3, 31)
