@@ -341,8 +341,8 @@ class DRPN(nn.Module):
         self.y1 = nn.Sequential(conv3(nb + 1, cfg.y1_width), nn.GELU(), conv3(cfg.y1_width, nb))
         # Eq. (7)'s convs stay when their prompt is switched off and read Y alone: Table 4 has the model 0.05 G
         # lighter without P_spa and 0.02 G without P_hf, what the prompts cost, not a 31-band conv's 0.18 G
-        self.y2 = conv3(nb + c * cfg.use_spa, nb)
-        self.y3 = conv3(nb + c * cfg.use_hf, nb)
+        self.y2 = conv3(nb + (c if cfg.use_spa else 0), nb)
+        self.y3 = conv3(nb + (c if cfg.use_hf else 0), nb)
         # one P_spe per prompted block of the body: (width, heads, downsampling) of that block; a body without
         # prompted attention (no PromptSSM attention, or another backbone) asks for none
         self.spe = (nn.ModuleList(SpectralPrompt(nb, w, h, s * cfg.spe_pool) for w, h, s in prompt_shapes)

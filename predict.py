@@ -8,6 +8,7 @@ them, reconstructs it (whole up to WHOLE_MAX pixels, as eval does; in overlappin
 (evaluate.calibrate; beyond the paper).
   - decoding: sRGB -> linear light -> the model's RGB (cameras.model_rgb_from_srgb)    photo_rgb
   - exposure to the training level, out-of-distribution warnings     exposure_gain, photo_warnings
+  - a spectrometer's points in the point cube and/or correcting the cube   reconstruct_with_points
   - the command                                                       predict, add_arguments, run
 
 Glossary: X = rgb (H, W, 3) in the model's space, S.Y; S = srf; Y_g^p = the seeded Gamma point cube.
@@ -107,29 +108,38 @@ def predict(ckpt_path: str | Path, image: str | Path, out: str | Path, points: s
     pts = P.sample_points((1, 31, H, W), ckpt["train_config"]["label_ratio"], *ckpt["gamma"], generator=seeded(seed),
                           dist=ckpt["model_config"]["points"])[0]
     if points:
-        coords, spectra = data.read_points(points, H, W)
-        use_points = use_points or ("both" if ckpt["train_config"].get("measured_points") else "calibration")
-        scale = points_exposure(rgb, srf, coords, spectra)  # S.y = scale.X at the measured pixels
-        if not scale > 0:
-            raise UsageError(f"{points}: the measured spectra do not match the image's colours at their pixels "
-                             f"(exposure factor {scale:.3g}); check their rows and columns.")
-    if points and use_points in ("network", "both"):  # at the RGB's exposure, as training fed them
-        pts = paste(pts, coords, spectra / scale)
-        print(f"the {len(coords)} measured spectra of {points} enter the network's point cube at their pixels")
-    pred = reconstruct(model, rgb, pts, tile).clamp(0, 1).cpu()
-    if points and use_points in ("calibration", "both"):
-        pred = calibrate(pred, rgb, srf, coords, spectra)
-        print(f"corrected with the {len(coords)} measured spectra of {points} ({CALIBRATION_METHOD})")
-    elif points:  # the cube at the spectra's scale, as calibrate's first step brings it
-        pred = (pred * scale).clamp(0, 1)
-    if points:
-        pred = paste(pred, coords, spectra)
-        print(f"the measured spectra replace the reconstruction at their pixels; the cube is at their scale "
-              f"(x{scale:.4g} the network's input)")
+        use = use_points or ("both" if ckpt["train_config"].get("measured_points") else "calibration")
+        pred = reconstruct_with_points(model, rgb, pts, tile, srf, points, use)
+    else:
+        pred = reconstruct(model, rgb, pts, tile).clamp(0, 1).cpu()
     write_outputs(Path(out), pred, envi=envi, exposure=gain)
     print(f"wrote a {tuple(pred.shape)} cube to {Path(out) / 'cube.npy'}, .mat{', .hdr/.img' if envi else ''}"
           + (f" (tiles of {tile})" if tile else ""))
     return pred
+
+
+def reconstruct_with_points(model: P.DyProMamba, rgb: torch.Tensor, pts: torch.Tensor, tile: int, srf: torch.Tensor,
+                            points: str, use: str) -> torch.Tensor:
+    """The cube (31, H, W) of rgb (3, H, W) with the spectra measured in the file `points`: in the point cube
+    pts (31, H, W) at their pixels (use "network" or "both"), correcting the network's cube (evaluate.calibrate;
+    "calibration" or "both"), and in any case pasted at their pixels, the cube at their scale."""
+    coords, spectra = data.read_points(points, *rgb.shape[-2:])
+    scale = points_exposure(rgb, srf, coords, spectra)  # S.y = scale.X at the measured pixels
+    if not scale > 0:
+        raise UsageError(f"{points}: the measured spectra do not match the image's colours at their pixels "
+                         f"(exposure factor {scale:.3g}); check their rows and columns.")
+    if use in ("network", "both"):  # at the RGB's exposure, as training fed them
+        pts = paste(pts, coords, spectra / scale)
+        print(f"the {len(coords)} measured spectra of {points} enter the network's point cube at their pixels")
+    pred = reconstruct(model, rgb, pts, tile).clamp(0, 1).cpu()
+    if use in ("calibration", "both"):
+        pred = calibrate(pred, rgb, srf, coords, spectra)
+        print(f"corrected with the {len(coords)} measured spectra of {points} ({CALIBRATION_METHOD})")
+    else:  # the cube at the spectra's scale, as calibrate's first step brings it
+        pred = (pred * scale).clamp(0, 1)
+    print(f"the measured spectra replace the reconstruction at their pixels; the cube is at their scale "
+          f"(x{scale:.4g} the network's input)")
+    return paste(pred, coords, spectra)
 
 
 # -----------------------------------------------------------------------------

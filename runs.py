@@ -124,8 +124,8 @@ def load_checkpoint(path: str | Path, keys: tuple[str, ...] = CHECKPOINT_KEYS,
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UsageError(f"{path}: not a {what} (no {', '.join(missing)}).")
-    stale = set(ckpt.get("model_config", {})) - {f.name for f in dataclasses.fields(P.Config)}
-    if "model_config" in keys and stale:
+    stale = set(ckpt["model_config"]) - {f.name for f in dataclasses.fields(P.Config)} if "model_config" in keys else ()
+    if stale:
         raise earlier_network(path, ckpt, f"its settings {', '.join(sorted(stale))} no longer exist")
     return ckpt
 

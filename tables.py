@@ -85,16 +85,15 @@ def table(args: argparse.Namespace, fit: Callable, fit_args: Callable) -> dict:
     shared = {"max_minutes": args.max_minutes, "device": args.device, **({"data": args.data} if args.data else {})}
     rows, test_scenes = [], folds(args, fit_args)
     for label, settings in TABLES[args.name]:
-        runs = []
+        runs, fit_settings = [], {k: v for k, v in settings.items() if k != "pretrain"}
         for fold in test_scenes:
-            test = {"test_scenes": [fold]} if fold else ({"test_scenes": args.test_scenes} if args.test_scenes
-                                                           is not None else {})
+            test = [fold] if fold else args.test_scenes  # None: fit's default
+            test = {"test_scenes": test} if test is not None else {}
             for seed in range(args.seeds):
                 run = out / row_dir(label) / (f"fold_{fold}" if fold else "") / f"seed{seed}"
                 report = run / "eval" / "metrics.json"
                 if not report.is_file():
                     print(f"\n== {args.name}: {label}{f', test scene {fold}' if fold else ''}, seed {seed}")
-                    fit_settings = {k: v for k, v in settings.items() if k != "pretrain"}
                     fit_run(args, fit, fit_args, fit_args(args.fit_args, **shared, **test, **fit_settings, seed=seed,
                                                           out=str(run)), settings.get("pretrain"))
                     evaluate.evaluate(run / "last.pt", run / "eval", seeds=args.eval_seeds, tile=args.tile,
