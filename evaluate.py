@@ -12,7 +12,10 @@ The evaluation protocol (paper Sec. 4.1 and supplementary Sec. 6; docs/design.md
     non-negative spectrum consistent with the RGB;
   - --calib-points K (beyond the paper): K of each scene's own true spectra used as `predict --points`
     uses a spectrometer's: fed into the network's point cube, correcting its cube, or both; scored over
-    the unmeasured pixels.
+    the unmeasured pixels;
+  - --point-dependence: how much the output moves when its point cube is replaced (another seed, the
+    other distribution of Table 3, no points): the paper's claim that point spectra carry information,
+    put to the network that was trained.
 
 Glossary: X = rgb = S.Y; Y^r = pred (the network's output, clamped) or raw (unclamped); M = the
 root-polynomial map (6, 31); omega = label_ratio; alpha, theta = the run's Gamma parameters.
@@ -113,6 +116,25 @@ def eval_scene(model, hsi: np.ndarray, srf: torch.Tensor, ratio: float, gamma: t
     return pred, metrics(pred, target), band_stats(raw, target)
 
 
+def point_dependence(model, hsi: np.ndarray, srf: torch.Tensor, ratio: float, gamma: tuple[float, float],
+                     points: str, ref: tuple[torch.Tensor, dict, dict], tile: int = 0) -> dict[str, dict]:
+    """eval --point-dependence (issue 25): how much the output depends on its point cube. ref is seed 0's
+    eval_scene; against it, the output with the cube of another seed, of the other distribution of Table 3
+    (Gamma <-> Gaussian) and with no points at all. Per cube: the RMS and the largest change of the clamped
+    output per value (over bands and pixels), and the change of PSNR against the truth. Zero changes mean
+    a network that ignores its points: its output is that of the RGB alone."""
+    other = "gaussian" if points == "gamma" else "gamma"
+    cubes = {f"{points}, seed 1": (points, 1), f"{other}, seed 0": (other, 0), "zeros": ("zeros", 0)}
+    pred, m, _ = ref
+    out = {}
+    for label, (dist, seed) in cubes.items():
+        alt, m_alt, _ = eval_scene(model, hsi, srf, ratio, gamma, dist, seed, tile)
+        change = as_float64(alt) - as_float64(pred)
+        out[label] = {"rms_change": float(change.pow(2).mean().sqrt()), "max_change": float(change.abs().max()),
+                      "psnr_change": m_alt["psnr"] - m["psnr"]}
+    return out
+
+
 # -----------------------------------------------------------------------------
 # the classical baselines
 
@@ -158,9 +180,10 @@ CALIBRATION_CONVENTION = (
     "K pixels of each scene, drawn once per scene, give their true spectra as a spectrometer would; each "
     "seed's cube is corrected with them (evaluate.calibrate) and the measured spectra pasted in. all: every "
     "pixel of that cube; unmeasured: the other pixels, SSIM of the cube before pasting (no window sees a "
-    "true spectrum); uncorrected_unmeasured: the network's own cube at those same pixels; fed_unmeasured: the "
-    "network's cube with the K spectra also in its point cube, at those pixels; fed_calibrated_unmeasured: that "
-    "cube corrected with them, at those pixels")
+    "true spectrum); local_unmeasured: that cube further corrected where a pixel looks like a point's "
+    "material (evaluate.calibrate_locally), at those pixels; uncorrected_unmeasured: the network's own cube "
+    "at those same pixels; fed_unmeasured: the network's cube with the K spectra also in its point cube, at "
+    "those pixels; fed_calibrated_unmeasured: that cube corrected with them, at those pixels")
 
 CALIB_RIDGE = 16.0  # the residual map's pull toward no correction, in measured points' worth
 
@@ -202,9 +225,44 @@ def calibrate(pred: torch.Tensor, rgb: torch.Tensor, srf: torch.Tensor, coords: 
     f = P.root_poly_features(x)                                          # (H*W, 6)
     ftf = f[idx].T @ f[idx]
     a = np.linalg.solve(ftf + CALIB_RIDGE * np.trace(ftf) / len(idx) * np.eye(6), f[idx].T @ (y - p[idx]))
-    out = p + f @ a
-    out += (x - out @ s.T) @ np.linalg.pinv(s).T                       # least change with S.y' = e.X
-    return torch.from_numpy(out.T.reshape(pred.shape)).clamp(0, 1).to(pred.dtype)
+    return onto_rgb(p + f @ a, x, s, pred)
+
+def onto_rgb(spectra: np.ndarray, x: np.ndarray, s: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """Each spectrum (H*W, 31) moved by the least change onto its pixel's RGB x (H*W, 3), S.y' = x, S = s
+    (3, 31); returned as a cube shaped and typed as `like` (31, H, W), clamped to [0, 1]."""
+    out = spectra + (x - spectra @ s.T) @ np.linalg.pinv(s).T
+    return torch.from_numpy(out.T.reshape(like.shape)).clamp(0, 1).to(like.dtype)
+
+LOCAL_ANGLE = 2.0  # degrees between two of the cube's spectra within which they read as one material
+LOCAL_REACH = 0.25  # of the image's longer side: how far a point's error carries
+LOCAL_GAIN = 1.0    # the largest log-ratio a point may apply per band (x e): a near-black band is no measure
+
+def calibrate_locally(fixed: torch.Tensor, rgb: torch.Tensor, srf: torch.Tensor, coords: np.ndarray,
+                      spectra: np.ndarray, chunk: int = 65536) -> torch.Tensor:
+    """calibrate's cube (31, H, W) corrected further, pixel by pixel, by the measured points (k, 2) whose
+    spectra (k, 31) look like the pixel's material: each point's error as a per-band log-ratio
+    g_k = log(y_k / p_k), applied to pixel q as p_q . exp(sum_k w_qk g_k / max(1, sum_k w_qk)), with
+    w_qk = exp(-angle(p_q, p_k)^2 / 2 LOCAL_ANGLE^2 - |q - k|^2 / 2 (LOCAL_REACH . side)^2); then each
+    spectrum back onto its pixel's e.X as in calibrate. A pixel like no point keeps calibrate's spectrum;
+    a pixel like one point takes its full error. The angle alone spreads a point to metamers far away and
+    the distance alone to other materials nearby; both, and the global correction first, were chosen on
+    the regression's cubes of the four shared CAVE scenes (docs/results.md, "A local correction")."""
+    c, h, w = fixed.shape
+    p = fixed.double().reshape(c, -1).T.numpy()                        # (H*W, 31)
+    y = np.asarray(spectra, dtype=np.float64)                          # (k, 31)
+    pk = p[coords[:, 0] * w + coords[:, 1]]                            # (k, 31)
+    gain = np.clip(np.log(np.maximum(y, 1e-4) / np.maximum(pk, 1e-4)), -LOCAL_GAIN, LOCAL_GAIN)
+    unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    rows, cols = np.divmod(np.arange(h * w), w)
+    reach = LOCAL_REACH * max(h, w)
+    out = np.empty_like(p)
+    for part in np.array_split(np.arange(h * w), -(-h * w // chunk)):  # bounded memory: (chunk, k) at a time
+        angle = np.degrees(np.arccos(np.clip(unit(p[part]) @ unit(pk).T, -1, 1)))  # (n, k)
+        dist2 = (rows[part, None] - coords[:, 0]) ** 2 + (cols[part, None] - coords[:, 1]) ** 2
+        wt = np.exp(-0.5 * (angle / LOCAL_ANGLE) ** 2 - 0.5 * dist2 / reach ** 2)
+        out[part] = p[part] * np.exp(wt @ gain / np.maximum(1, wt.sum(1))[:, None])
+    x = rgb.double().reshape(3, -1).T.numpy() * points_exposure(rgb, srf, coords, spectra)
+    return onto_rgb(out, x, srf.double().numpy(), fixed)
 
 def paste(cube: torch.Tensor, coords: np.ndarray, spectra: np.ndarray) -> torch.Tensor:
     """cube (31, H, W) with the measured spectra (k, 31) at their pixels (k, 2): what was measured is known."""
@@ -232,12 +290,13 @@ def calibration_scores(runs: list, fed: list, hsi: np.ndarray, srf: torch.Tensor
     rgb, target = cameras.rgb_from_hsi(target[None], srf)[0], as_float64(target)
     keep = torch.ones(h, w, dtype=torch.bool)
     keep[coords[:, 0], coords[:, 1]] = False
-    scores = {"all": [], "unmeasured": [], "uncorrected_unmeasured": [], "fed_unmeasured": [],
+    scores = {"all": [], "unmeasured": [], "local_unmeasured": [], "uncorrected_unmeasured": [], "fed_unmeasured": [],
               "fed_calibrated_unmeasured": []}
     for (pred, *_), (pred_fed, *_) in zip(runs, fed):
         fixed = calibrate(pred, rgb, srf, coords, spectra)
         scores["all"].append(metrics(paste(fixed, coords, spectra), target))
         scores["unmeasured"].append(metrics(fixed, target, keep))
+        scores["local_unmeasured"].append(metrics(calibrate_locally(fixed, rgb, srf, coords, spectra), target, keep))
         scores["uncorrected_unmeasured"].append(metrics(pred, target, keep))
         scores["fed_unmeasured"].append(metrics(pred_fed, target, keep))
         scores["fed_calibrated_unmeasured"].append(metrics(calibrate(pred_fed, rgb, srf, coords, spectra), target, keep))
@@ -292,7 +351,8 @@ def summarise_over_seeds(by_scene: list[list[dict]]) -> dict:
 
 
 def evaluate(ckpt_path: str | Path, out: str | Path, root: str | None = None, scenes: list[str] | None = None,
-             seeds: int = 5, tile: int = 0, calib_points: int = 0, envi: bool = False, device: str = "auto") -> dict:
+             seeds: int = 5, tile: int = 0, calib_points: int = 0, envi: bool = False, device: str = "auto",
+             dependence: bool = False) -> dict:
     """Evaluate a checkpoint on whole scenes (default: the run's test scenes, from the run's own data folder
     root, or the demo scenes); write each scene's outputs and metrics.json into out; return the report."""
     ckpt = load_checkpoint(ckpt_path)
@@ -349,12 +409,22 @@ def evaluate(ckpt_path: str | Path, out: str | Path, root: str | None = None, sc
             entry["calibration"] = {"points": calib_points, **{k: summarise(v) for k, v in scores.items()}}
             calibrated.append(scores)
             print(f"{name}, corrected with {calib_points} true spectra: {calibration_line(entry['calibration'])}")
+        if dependence:
+            entry["point_dependence"] = point_dependence(model, hsi, srf, run["label_ratio"], gamma, points, runs[0],
+                                                         tile)
+            print(f"{name}, the point cube replaced: " + "; ".join(
+                f"{k}: RMS change {v['rms_change']:.2e}, PSNR change {v['psnr_change']:+.2e} dB"
+                for k, v in entry["point_dependence"].items()))
         report["scenes"][name] = entry
         by_scene.append([m for _, m, _ in runs])
     report["overall"] = summarise_over_seeds(by_scene)
     if calibrated:
         report["calibration"] = {"points": calib_points, "convention": CALIBRATION_CONVENTION,
                                  **{k: summarise_over_seeds([c[k] for c in calibrated]) for k in calibrated[0]}}
+    if dependence:
+        per_scene = [e["point_dependence"] for e in report["scenes"].values()]
+        report["point_dependence"] = {k: {q: float(np.mean([d[k][q] for d in per_scene])) for q in v}
+                                      for k, v in per_scene[0].items()}
     if baseline_all:
         report[base_key] = summarise([{k: v for k, v in b.items() if k != "bands"} for b in baseline_all])
     with open(out / "metrics.json", "w") as f:
@@ -392,10 +462,13 @@ def add_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--calib-points", type=int, default=0, metavar="K",
                    help="also score predict --points: K pixels of each scene's own truth fed to the network "
                         "and/or correcting its cube, scored over the unmeasured pixels (beyond the paper)")
+    e.add_argument("--point-dependence", action="store_true",
+                   help="also run each scene with another seed's, the other distribution's and an empty point cube, "
+                        "and report how much the output changes")
     e.add_argument("--envi", action="store_true", help="also write the cube as ENVI (cube.hdr + cube.img, BSQ)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def run(args: argparse.Namespace) -> dict:
     return evaluate(args.ckpt, args.out, args.data, args.scenes, args.seeds, args.tile, args.calib_points,
-                    args.envi, args.device)
+                    args.envi, args.device, args.point_dependence)

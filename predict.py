@@ -5,7 +5,7 @@ A photo is not the model's RGB: it is gamma-encoded sRGB, white-balanced, expose
 turns it into S.Y-like values at the level the model was trained on, says when it still looks unlike
 them, reconstructs it (whole up to WHOLE_MAX pixels, as eval does; in overlapping tiles beyond), and with
 --points uses a spectrometer's measurements, in the network's point cube and to correct its cube
-(evaluate.calibrate; beyond the paper).
+(evaluate.calibrate, and with --calibration local evaluate.calibrate_locally; beyond the paper).
   - decoding: sRGB -> linear light -> the model's RGB (cameras.model_rgb_from_srgb)    photo_rgb
   - exposure to the training level, out-of-distribution warnings     exposure_gain, photo_warnings
   - a spectrometer's points in the point cube and/or correcting the cube   reconstruct_with_points
@@ -23,7 +23,8 @@ import torch
 import cameras
 import data
 import pixelssr as P
-from evaluate import CALIBRATION_METHOD, calibrate, paste, points_exposure, reconstruct, write_outputs
+from evaluate import (CALIBRATION_METHOD, calibrate, calibrate_locally, paste, points_exposure, reconstruct,
+                      write_outputs)
 from runs import UsageError, build_model, load_checkpoint, pick_device, positive, seeded
 
 CLIPPED = 1 - 0.5 / 255    # a channel this close to full scale recorded more light than it holds
@@ -82,10 +83,10 @@ def photo_warnings(rgb: np.ndarray, clipped: float, train_rgb: np.ndarray) -> li
 
 def predict(ckpt_path: str | Path, image: str | Path, out: str | Path, points: str | None = None, seed: int = 0,
             kind: str = "auto", exposure: str | None = None, tile: int | None = None, envi: bool = False,
-            device: str = "auto", use_points: str | None = None) -> torch.Tensor:
+            device: str = "auto", use_points: str | None = None, calibration: str = "global") -> torch.Tensor:
     """Reconstruct the photo `image` with a checkpoint; write the cube and its preview into out; return the
-    cube (31, H, W). kind, exposure, tile and use_points as the flags --input, --exposure, --tile and
-    --use-points (None: both for a run trained with --measured-points, else calibration)."""
+    cube (31, H, W). kind, exposure, tile, use_points and calibration as the flags --input, --exposure, --tile,
+    --use-points (None: both for a run trained with --measured-points, else calibration) and --calibration."""
     ckpt = load_checkpoint(ckpt_path)
     model = build_model(ckpt, pick_device(device), ckpt_path)
     srf_name = ckpt["train_config"]["srf"]
@@ -109,7 +110,7 @@ def predict(ckpt_path: str | Path, image: str | Path, out: str | Path, points: s
                           dist=ckpt["model_config"]["points"])[0]
     if points:
         use = use_points or ("both" if ckpt["train_config"].get("measured_points") else "calibration")
-        pred = reconstruct_with_points(model, rgb, pts, tile, srf, points, use)
+        pred = reconstruct_with_points(model, rgb, pts, tile, srf, points, use, calibration)
     else:
         pred = reconstruct(model, rgb, pts, tile).clamp(0, 1).cpu()
     write_outputs(Path(out), pred, envi=envi, exposure=gain)
@@ -119,10 +120,11 @@ def predict(ckpt_path: str | Path, image: str | Path, out: str | Path, points: s
 
 
 def reconstruct_with_points(model: P.DyProMamba, rgb: torch.Tensor, pts: torch.Tensor, tile: int, srf: torch.Tensor,
-                            points: str, use: str) -> torch.Tensor:
+                            points: str, use: str, calibration: str = "global") -> torch.Tensor:
     """The cube (31, H, W) of rgb (3, H, W) with the spectra measured in the file `points`: in the point cube
     pts (31, H, W) at their pixels (use "network" or "both"), correcting the network's cube (evaluate.calibrate;
-    "calibration" or "both"), and in any case pasted at their pixels, the cube at their scale."""
+    "calibration" or "both"; then evaluate.calibrate_locally with calibration "local"), and in any case pasted
+    at their pixels, the cube at their scale."""
     coords, spectra = data.read_points(points, *rgb.shape[-2:])
     scale = points_exposure(rgb, srf, coords, spectra)  # S.y = scale.X at the measured pixels
     if not scale > 0:
@@ -135,6 +137,9 @@ def reconstruct_with_points(model: P.DyProMamba, rgb: torch.Tensor, pts: torch.T
     if use in ("calibration", "both"):
         pred = calibrate(pred, rgb, srf, coords, spectra)
         print(f"corrected with the {len(coords)} measured spectra of {points} ({CALIBRATION_METHOD})")
+        if calibration == "local":
+            pred = calibrate_locally(pred, rgb, srf, coords, spectra)
+            print("then corrected locally: each pixel by the points whose spectra and places are like its own")
     else:  # the cube at the spectra's scale, as calibrate's first step brings it
         pred = (pred * scale).clamp(0, 1)
     print(f"the measured spectra replace the reconstruction at their pixels; the cube is at their scale "
@@ -170,9 +175,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="spectra you measured in this image (row, col, 31 values at 400-700 nm a line): fed to "
                         "the network and/or correcting its cube (--use-points), and kept at their pixels (beyond the paper)")
     p.add_argument("--use-points", default=None, choices=["both", "network", "calibration"],
-                   help="what --points does: enter the network's point cube (a run trained with --measured-points "
-                        "reads them), correct its cube afterwards (evaluate.calibrate), or both; default: both "
-                        "for a run trained with --measured-points, else calibration")
+                   help="what --points does: enter the network's point cube (for a run trained with "
+                        "--measured-points; so far such runs ignore them), correct its cube afterwards "
+                        "(evaluate.calibrate), or both; default: both for a run trained with --measured-points, "
+                        "else calibration")
+    p.add_argument("--calibration", default="global", choices=["global", "local"],
+                   help="the correction of --use-points calibration|both: global (one map for every pixel), or "
+                        "local (then each pixel also by the points that look like its material; "
+                        "evaluate.calibrate_locally)")
     p.add_argument("--tile", type=positive, default=None,
                    help=f"tile size (default: the whole image, as eval, up to {WHOLE_MAX} pixels; tiles of {TILE} beyond)")
     p.add_argument("--envi", action="store_true", help="also write the cube as ENVI (cube.hdr + cube.img, BSQ)")
@@ -181,4 +191,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> torch.Tensor:
     return predict(args.ckpt, args.rgb, args.out, args.points, args.seed, args.input, args.exposure, args.tile,
-                   args.envi, args.device, args.use_points)
+                   args.envi, args.device, args.use_points, args.calibration)

@@ -270,3 +270,87 @@ def test_tiled_and_whole_reconstructions_of_a_real_crop_agree_within_35_db(real_
     whole = evaluate.reconstruct(model, rgb, pts).clamp(0, 1)
     tiled = evaluate.reconstruct(model, rgb, pts, tile=32).clamp(0, 1)
     assert P.psnr(tiled, whole) > 35
+
+
+def _dependence(model) -> dict:
+    hsi = data.demo_scenes(n=1, size=32)[0][1]
+    srf = torch.from_numpy(cameras.srf_matrix("cie1964"))
+    with torch.no_grad():
+        ref = evaluate.eval_scene(model, hsi, srf, 1e-2, (2.0, 0.1), "gamma", 0)
+        return evaluate.point_dependence(model, hsi, srf, 1e-2, (2.0, 0.1), "gamma", ref)
+
+
+def test_point_dependence_is_nil_for_a_network_that_ignores_its_points():
+    """A network that reads only the RGB (the points' weights zero) gives the same output whatever its point
+    cube: every change, and the PSNR's, is exactly zero. This is what issue 25 found the trained one does."""
+    torch.manual_seed(0)
+    model = _PixelwiseModel()
+    with torch.no_grad():
+        model.mix.weight[:, 3:] = 0
+    for cube, change in _dependence(model).items():
+        assert change == {"rms_change": 0.0, "max_change": 0.0, "psnr_change": 0.0}, cube
+
+
+def test_point_dependence_measures_the_change_each_replaced_cube_makes():
+    """For a pixelwise linear network, the change of the clamped output when the seed-0 Gamma cube is replaced
+    by another seed's, a Gaussian one or none, recomputed in numpy from the network's weights and the cubes."""
+    torch.manual_seed(0)
+    model = _PixelwiseModel()
+    hsi = data.demo_scenes(n=1, size=32)[0][1]
+    rgb = cameras.rgb_from_hsi(torch.from_numpy(hsi).permute(2, 0, 1)[None], torch.from_numpy(
+        cameras.srf_matrix("cie1964")))[0].double().numpy()
+    w, b = model.mix.weight[:, :, 0, 0].double().detach().numpy(), model.mix.bias.double().detach().numpy()
+
+    def output(dist: str, seed: int) -> np.ndarray:  # (31, H, W), clamped as eval's metrics see it
+        pts = P.sample_points((1, 31, 32, 32), 1e-2, 2.0, 0.1, generator=runs.seeded(seed), dist=dist)[0]
+        x = np.concatenate([rgb, pts.double().numpy()]).reshape(34, -1)
+        return np.clip(w @ x + b[:, None], 0, 1).reshape(31, 32, 32)
+
+    ref = output("gamma", 0)
+    got = _dependence(model)
+    for cube, (dist, seed) in {"gamma, seed 1": ("gamma", 1), "gaussian, seed 0": ("gaussian", 0),
+                               "zeros": ("zeros", 0)}.items():
+        change = output(dist, seed) - ref
+        assert got[cube]["rms_change"] == pytest.approx(np.sqrt((change ** 2).mean()), rel=1e-4), cube
+        assert got[cube]["max_change"] == pytest.approx(np.abs(change).max(), rel=1e-4), cube
+        assert got[cube]["rms_change"] > 0
+
+
+def _two_materials(h: int = 12, w: int = 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A (31, h, w) truth of two materials under varying shade, a bluish left half and a reddish right half,
+    its RGB and the S (3, 31) that made it."""
+    nm = torch.tensor(cameras.WAVELENGTHS, dtype=torch.float64)
+    blue, red = (0.05 + 0.6 * torch.exp(-((nm - c) / 40) ** 2) for c in (450, 650))  # (31,)
+    shade = torch.linspace(0.4, 1.0, h * w, dtype=torch.float64).reshape(h, w)
+    truth = torch.where(torch.arange(w) < w // 2, blue[:, None, None], red[:, None, None]) * shade  # (31, h, w)
+    srf = torch.from_numpy(cameras.srf_matrix("cie1964"))
+    return truth, cameras.rgb_from_hsi(truth[None], srf)[0], srf
+
+
+def _metameric_error(cube: torch.Tensor, srf: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """cube with an error the camera cannot see (in S's null space) at the pixels `where` (h, w)."""
+    null = torch.linalg.svd(srf.double())[2][-1]  # (31,): S . null = 0
+    return cube + 0.05 * null[:, None, None] * where
+
+
+def test_local_correction_gives_a_lone_point_its_own_spectrum_at_its_pixel():
+    """With one measured point, its pixel is fully like itself (weight 1), so the local correction turns the
+    cube's spectrum there into the measured one exactly, and keeps it on the pixel's RGB."""
+    truth, rgb, srf = _two_materials()
+    cube = _metameric_error(truth, srf, torch.ones(truth.shape[1:]))
+    coords = np.array([[5, 3]])
+    out = evaluate.calibrate_locally(cube, rgb, srf, coords, truth[:, 5, 3][None].numpy())
+    assert torch.allclose(out[:, 5, 3], truth[:, 5, 3], atol=1e-9)
+
+
+def test_local_correction_leaves_a_material_no_point_looks_like_as_it_was():
+    """A point on the left (blue) material corrects the left half; the red half, a spectral angle of tens of
+    degrees away, keeps the cube it had, even beside the point: the error of one material is not
+    another's. The distance alone would carry it across."""
+    truth, rgb, srf = _two_materials()
+    left = (torch.arange(truth.shape[2]) < truth.shape[2] // 2).expand(truth.shape[1:])
+    cube = _metameric_error(truth, srf, left)
+    coords = np.array([[6, truth.shape[2] // 2 - 1]])  # at the border of the two halves
+    out = evaluate.calibrate_locally(cube, rgb, srf, coords, truth[:, coords[0, 0], coords[0, 1]][None].numpy())
+    assert torch.allclose(out[:, ~left], cube[:, ~left], atol=1e-12)
+    assert (out[:, left] - truth[:, left]).abs().mean() < 0.5 * (cube[:, left] - truth[:, left]).abs().mean()

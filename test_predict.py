@@ -138,11 +138,12 @@ def test_predict_points_enter_the_point_cube_at_the_rgbs_exposure(real_run, tmp_
 
 
 @needs_data
-def test_predict_points_keep_the_measured_spectra_and_correct_the_rest(real_run, tmp_path):
+@pytest.mark.parametrize("form", ["global", "local"])
+def test_predict_points_keep_the_measured_spectra_and_correct_the_rest(real_run, tmp_path, form):
     truth, coords = _photo_and_points(real_run, tmp_path)
     plain = _predict(real_run, tmp_path / "rgb16.png", tmp_path / "plain")
     fixed = _predict(real_run, tmp_path / "rgb16.png", tmp_path / "fixed", "--points", str(tmp_path / "pts.csv"),
-                     "--use-points", "calibration")
+                     "--use-points", "calibration", "--calibration", form)
     np.testing.assert_allclose(fixed[coords[:, 0], coords[:, 1]], truth[coords[:, 0], coords[:, 1]], rtol=1e-6)
     keep = np.ones(truth.shape[:2], bool)
     keep[coords[:, 0], coords[:, 1]] = False
