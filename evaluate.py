@@ -244,9 +244,9 @@ def calibrate_locally(fixed: torch.Tensor, rgb: torch.Tensor, srf: torch.Tensor,
     g_k = log(y_k / p_k), applied to pixel q as p_q . exp(sum_k w_qk g_k / max(1, sum_k w_qk)), with
     w_qk = exp(-angle(p_q, p_k)^2 / 2 LOCAL_ANGLE^2 - |q - k|^2 / 2 (LOCAL_REACH . side)^2); then each
     spectrum back onto its pixel's e.X as in calibrate. A pixel like no point keeps calibrate's spectrum;
-    a pixel like one point takes its full error. The angle alone spreads a point to metamers far away and
-    the distance alone to other materials nearby; both, and the global correction first, were chosen on
-    the regression's cubes of the four shared CAVE scenes (docs/results.md, "A local correction")."""
+    a pixel like one point takes its full error. The angle alone spreads a point to metamers far away, the
+    distance alone would spread it to other materials nearby; both scales were chosen on the regression's
+    cubes of the four shared CAVE scenes (docs/results.md, "A local correction")."""
     c, h, w = fixed.shape
     p = fixed.double().reshape(c, -1).T.numpy()                        # (H*W, 31)
     y = np.asarray(spectra, dtype=np.float64)                          # (k, 31)
