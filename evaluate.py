@@ -122,7 +122,8 @@ def point_dependence(model, hsi: np.ndarray, srf: torch.Tensor, ratio: float, ga
     eval_scene; against it, the output with the cube of another seed, of the other distribution of Table 3
     (Gamma <-> Gaussian) and with no points at all. Per cube: the RMS and the largest change of the clamped
     output per value (over bands and pixels), and the change of PSNR against the truth. Zero changes mean
-    a network that ignores its points: its output is that of the RGB alone."""
+    a network that ignores its points: its output is that of the RGB alone. (A run trained with --points
+    zeros has no cube to replace: all three of its changes are zero by construction.)"""
     other = "gaussian" if points == "gamma" else "gamma"
     cubes = {f"{points}, seed 1": (points, 1), f"{other}, seed 0": (other, 0), "zeros": ("zeros", 0)}
     pred, m, _ = ref
