@@ -122,10 +122,14 @@ class PatchDataset(Dataset):
     stays the fixed one; only where patches are cut changes, so that L_pHSI reaches every step instead
     of the ~1 patch in 3 that holds a label at omega = 0.01 % with 64x64 patches. The epoch keeps its
     length and its balance between scenes (each grid position stands for one draw in its scene).
+    With pairs as well (fit --measured-points), the patch holds a second labelled pixel too where the first
+    has a partner within reach (both coordinates less than a patch apart): a fed spectrum then has an unfed
+    label beside it to teach carrying it (docs/design.md, "Measured points through the network").
     """
 
-    def __init__(self, scenes, srf="cie1964", patch: int = 128, stride: int = 64, around_labels: bool = False):
-        self.patch, self.around_labels = patch, around_labels
+    def __init__(self, scenes, srf="cie1964", patch: int = 128, stride: int = 64, around_labels: bool = False,
+                 pairs: bool = False):
+        self.patch, self.around_labels, self.pairs = patch, around_labels, pairs
         self.stacks = []  # per scene, (3 + 31 + 1, H, W): rgb, target, mask
         self.labels = []  # per scene, (k, 2) labelled pixels
         self.index = []   # (scene, top, left) of every patch position
@@ -171,15 +175,25 @@ class PatchDataset(Dataset):
 
     def around_label(self, i: int, generator: torch.Generator | None = None) -> tuple[int, int] | None:
         """(top, left) of a patch of sample i's scene holding one of its labelled pixels, drawn uniformly:
-        first the label, then the position among the patches that contain it. None if the scene has none."""
+        first the label, then the position among the patches that contain it. None if the scene has none.
+        With self.pairs, a partner within reach is drawn after the label, and the position among the patches
+        that contain both."""
         s = self.index[i][0]
         labels, (h, w) = self.labels[s], self.stacks[s].shape[1:]
         if len(labels) == 0:
             return None
-        r, c = labels[int(torch.randint(len(labels), (1,), generator=generator))]
+        a = labels[int(torch.randint(len(labels), (1,), generator=generator))]
+        b = self.partner(s, a, generator) if self.pairs else a
 
-        def start(x: int, n: int) -> int:  # uniform over the starts in [x - patch + 1, x] that fit in [0, n - patch]
-            lo, hi = max(0, x - self.patch + 1), min(x, n - self.patch)
+        def start(x: int, y: int, n: int) -> int:  # uniform over the starts that hold x and y and fit in [0, n - patch]
+            lo, hi = max(0, max(x, y) - self.patch + 1), min(min(x, y), n - self.patch)
             return lo + int(torch.randint(hi - lo + 1, (1,), generator=generator))
 
-        return start(int(r), h), start(int(c), w)
+        return start(int(a[0]), int(b[0]), h), start(int(a[1]), int(b[1]), w)
+
+    def partner(self, s: int, a: np.ndarray, generator: torch.Generator | None) -> np.ndarray:
+        """Another labelled pixel (2,) of scene s that one patch can hold with label a, drawn uniformly; a
+        itself where none is in reach."""
+        labels = self.labels[s]
+        near = labels[(np.abs(labels - a).max(1) < self.patch) & (labels != a).any(1)]
+        return near[int(torch.randint(len(near), (1,), generator=generator))] if len(near) else a

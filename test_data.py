@@ -496,6 +496,27 @@ def test_label_patches_draw_every_position_that_holds_the_label():
     assert counts.min() > 800 / 16 / 2  # each of the 16 drawn about 50 times
 
 
+@examples(25)
+@given(h=st.integers(8, 40), w=st.integers(8, 40), p=st.integers(4, 16), data_=st.data())
+def test_pair_patches_hold_a_label_and_its_partner_when_one_is_in_reach(h, w, p, data_):
+    """fit --measured-points cuts patches around pairs of labels: with two labels less than a patch apart in
+    both coordinates, every patch holds both, at an offset uniform over those that do; out of reach, each
+    patch still holds one. Guards against a partner drawn but not held (a fed point with no unfed one beside it)."""
+    pixel = st.tuples(st.integers(0, h - 1), st.integers(0, w - 1))
+    a = data_.draw(pixel)
+    b = data_.draw(pixel.filter(lambda x: x != a))
+    reach = max(abs(a[0] - b[0]), abs(a[1] - b[1])) < p
+    ds = labels.PatchDataset([(_coord_scene(h, w), [a, b])], patch=p, stride=4, around_labels=True, pairs=True)
+    g = torch.Generator().manual_seed(h * w * p)
+    _, _, mask = ds.batch(list(range(len(ds))) * 4, g)
+    held = mask.flatten(1).sum(1)
+    assert (held == 2).all() if reach else (held >= 1).all()
+    if reach:
+        tops = {ds.around_label(0, g)[0] for _ in range(200)}
+        span = ds.stacks[0].shape[1] - p  # the last start
+        assert tops == set(range(max(0, max(a[0], b[0]) - p + 1), min(a[0], b[0], span) + 1))
+
+
 # the 24 ColorChecker patches in 8-bit sRGB as BabelColor publishes them, dark skin to black
 COLORCHECKER_SRGB = [(115, 82, 68), (194, 150, 130), (98, 122, 157), (87, 108, 67), (133, 128, 177), (103, 189, 170),
                      (214, 126, 44), (80, 91, 166), (193, 90, 99), (94, 60, 108), (157, 188, 64), (224, 163, 46),

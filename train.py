@@ -82,7 +82,8 @@ class TrainConfig:
     mae_init: str = "pretrained"    # --backbone maektsr: its encoder from --mae-ckpt, or "random" (a capacity control)
     mae_ckpt: str = ""              # the encoder `train.py pretrain` wrote (OUT/encoder.pt)
     # beyond the paper: each labelled pixel of a patch enters its point cube with its true spectrum with this
-    # probability, so that the network learns to use a spectrometer's points (eval --calib-points, predict --points)
+    # probability, so that the network learns to use a spectrometer's points (eval --calib-points, predict --points);
+    # its patches are cut around pairs of labels (labels.PatchDataset), so that a fed one has an unfed one beside it
     measured_points: float = 0.0
 
 def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -123,7 +124,8 @@ def fit_on(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> Path
     gamma = tuple(ckpt["gamma"]) if ckpt is not None else gamma_params(labels, train_scenes, srf)
 
     dataset = PatchDataset([(train_scenes[n], labels[n]["coords"].numpy()) for n in split["train"]],
-                           srf.numpy(), patch=cfg.patch, stride=cfg.stride, around_labels=cfg.label_patches)
+                           srf.numpy(), patch=cfg.patch, stride=cfg.stride, around_labels=cfg.label_patches,
+                           pairs=cfg.measured_points > 0)
     steps_per_epoch = max(1, len(dataset) // cfg.batch_size)
     torch.manual_seed(cfg.seed)
     # channels-last weights, and so activations (a convolution's output takes its weight's layout): oneDNN's
@@ -436,7 +438,8 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--ema", type=float, default=d.ema, help="decay of a weight average used for eval (0: none)")
     f.add_argument("--measured-points", type=share, default=d.measured_points, metavar="P",
                    help="feed each labelled pixel of a patch into the point cube with its true spectrum with "
-                        "probability P (beyond the paper: for eval --calib-points and predict --points)")
+                        "probability P, in patches cut around pairs of labels (beyond the paper: for eval "
+                        "--calib-points and predict --points)")
     f.add_argument("--loss-weights", default=d.loss_weights, help="Eq. (15) weights, e.g. phsi=1,rep=1,ssim=0.3,p2i=0.3")
     f.add_argument("--label-patches", action=argparse.BooleanOptionalAction, default=d.label_patches,
                    help="cut each training patch around a labelled pixel (the label set stays fixed)")
