@@ -122,7 +122,7 @@ class PatchDataset(Dataset):
     stays the fixed one; only where patches are cut changes, so that L_pHSI reaches every step instead
     of the ~1 patch in 3 that holds a label at omega = 0.01 % with 64x64 patches. The epoch keeps its
     length and its balance between scenes (each grid position stands for one draw in its scene).
-    With pairs as well (fit --measured-points), the patch holds a second labelled pixel too where the first
+    With pairs as well (fit --pair-patches, on with --measured-points), the patch holds a second labelled pixel too where the first
     has a partner within reach (both coordinates less than a patch apart): a fed spectrum then has an unfed
     label beside it to teach carrying it (docs/design.md, "Measured points through the network").
     """

@@ -385,6 +385,15 @@ def test_measured_points_feed_a_random_part_of_the_patchs_labels_with_their_true
     assert labelled >= 16 and abs(fed.sum() / labelled - share) < 0.2
 
 
+
+@pytest.mark.parametrize("argv,pairs", [([], False), (["--pair-patches"], True), (["--measured-points", "0.5"], True),
+                                        (["--measured-points", "0.5", "--no-pair-patches"], False)])
+def test_measured_points_cut_pair_patches_unless_told_not_to(argv, pairs):
+    """--measured-points needs an unfed label beside a fed one, so it turns --pair-patches on; an explicit
+    --no-pair-patches keeps the patches cut around one label, and without either the paper's patches stay."""
+    cfg, _ = train.run_configs(train.fit_args(["--label-ratio", "0.01", *argv]))
+    assert cfg.pair_patches == pairs
+
 def test_exposure_augmentation_scales_rgb_and_spectra_together():
     """Guards against scaling one side only (X = S.Y broken) or a factor outside [1/k, k]."""
     hsi = torch.rand(64, 31, 4, 4)
@@ -435,6 +444,7 @@ def test_every_fit_flag_is_saved_in_the_checkpoint_and_eval_rebuilds_that_networ
     ckpt = _fit(root, run, *argv)
     assert {k: ckpt["model_config"][k] for k in fields} == fields
     assert ckpt["train_config"]["measured_points"] == (0.5 if "--measured-points" in argv else 0)
+    assert ckpt["train_config"]["pair_patches"] == ("--measured-points" in argv)
     weights = train.parse_weights(ckpt["train_config"]["loss_weights"])
     assert weights["ssim"] == (0 if "ssim=0" in argv else 0.3) and weights["p2i"] == (0 if "--no-drpn" in argv else 0.3)
     built = []

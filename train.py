@@ -74,6 +74,8 @@ class TrainConfig:
     val_seeds: int = 1              # Gamma draws per validation scene
     val_every: int = 0              # > 0: also validate every this many steps (a learning curve in log.jsonl)
     label_patches: bool = True      # cut each patch around one of its scene's fixed labels (paper: one per patch)
+    pair_patches: bool = False      # and around a second label within reach where one is (not the paper's; on
+                                    # with measured_points, so that a fed label has an unfed one beside it)
     loss_weights: str = "phsi=1,rep=1,ssim=0.3,p2i=0.3"  # Eq. (15): 1, beta1, beta2, beta3
     warmup: int = 0                 # linear lr warm-up steps (the paper has none)
     exposure: float = 1.0           # > 1: scale each sample's RGB and spectra by a factor in [1/k, k]
@@ -82,8 +84,7 @@ class TrainConfig:
     mae_init: str = "pretrained"    # --backbone maektsr: its encoder from --mae-ckpt, or "random" (a capacity control)
     mae_ckpt: str = ""              # the encoder `train.py pretrain` wrote (OUT/encoder.pt)
     # beyond the paper: each labelled pixel of a patch enters its point cube with its true spectrum with this
-    # probability, so that the network learns to use a spectrometer's points (eval --calib-points, predict --points);
-    # its patches are cut around pairs of labels (labels.PatchDataset), so that a fed one has an unfed one beside it
+    # probability, so that the network learns to use a spectrometer's points (eval --calib-points, predict --points)
     measured_points: float = 0.0
 
 def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -125,7 +126,7 @@ def fit_on(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> Path
 
     dataset = PatchDataset([(train_scenes[n], labels[n]["coords"].numpy()) for n in split["train"]],
                            srf.numpy(), patch=cfg.patch, stride=cfg.stride, around_labels=cfg.label_patches,
-                           pairs=cfg.measured_points > 0)
+                           pairs=cfg.pair_patches)
     steps_per_epoch = max(1, len(dataset) // cfg.batch_size)
     torch.manual_seed(cfg.seed)
     # channels-last weights, and so activations (a convolution's output takes its weight's layout): oneDNN's
@@ -339,6 +340,8 @@ def run_configs(args) -> tuple[TrainConfig, P.Config]:
     if cfg.label_ratio == 0 and "loss_weights" not in args.given:
         weights["smooth"] = UNSUPERVISED_PRIOR
     check_mae_flags(cfg, args)
+    if cfg.measured_points and "pair_patches" not in args.given:
+        cfg = dataclasses.replace(cfg, pair_patches=True)
     if cfg.label_ratio >= 1 and "points" not in args.given:
         cfg = dataclasses.replace(cfg, points="zeros")
     cfg = dataclasses.replace(cfg, loss_weights=format_weights(weights))
@@ -438,11 +441,14 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--ema", type=float, default=d.ema, help="decay of a weight average used for eval (0: none)")
     f.add_argument("--measured-points", type=share, default=d.measured_points, metavar="P",
                    help="feed each labelled pixel of a patch into the point cube with its true spectrum with "
-                        "probability P, in patches cut around pairs of labels (beyond the paper: for eval "
-                        "--calib-points and predict --points)")
+                        "probability P (beyond the paper: for eval --calib-points and predict --points); "
+                        "implies --pair-patches unless --no-pair-patches")
     f.add_argument("--loss-weights", default=d.loss_weights, help="Eq. (15) weights, e.g. phsi=1,rep=1,ssim=0.3,p2i=0.3")
     f.add_argument("--label-patches", action=argparse.BooleanOptionalAction, default=d.label_patches,
                    help="cut each training patch around a labelled pixel (the label set stays fixed)")
+    f.add_argument("--pair-patches", action=argparse.BooleanOptionalAction, default=d.pair_patches,
+                   help="with --label-patches, cut each patch around a second labelled pixel within reach too, "
+                        "where there is one (beyond the paper)")
     f.add_argument("--output", default=P.Config.output, choices=["abs", "linear"],
                    help="output layer: abs (non-negative, default) or linear (the paper's bare conv)")
     f.add_argument("--prior", default=P.Config.prior, choices=["none", "rootpoly"],
