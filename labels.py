@@ -8,12 +8,14 @@ rotations, and supervise only where they hold one (docs/design.md, "The label bu
   - the fixed labelled pixels of a scene                        scene_seed, draw_label_set, pixel_coords
   - a run's label sets as its checkpoint keeps them, its Gamma    make_label_sets, expand_label_sets, gamma_params
   - training patches that carry their labels                    PatchDataset
+  - the exposure augmentation of a batch                          augment_exposure
 
 Glossary: ratio = omega, the label ratio; labels = the labelled pixels, (k, 2) (row, col);
 hsi = Y, the ground-truth HSI (H, W, 31); target = Y^p, its spectra at the labelled pixels, zero elsewhere;
 rgb = X = S.Y; mask = the labelled pixels of a patch.
 """
 
+import math
 import zlib
 
 import numpy as np
@@ -197,3 +199,13 @@ class PatchDataset(Dataset):
         labels = self.labels[s]
         near = labels[(np.abs(labels - a).max(1) < self.patch) & (labels != a).any(1)]
         return near[int(torch.randint(len(near), (1,), generator=generator))] if len(near) else a
+
+
+def augment_exposure(rgb: torch.Tensor, target: torch.Tensor, k: float, g: torch.Generator):
+    """Scale each sample's RGB and spectra by one factor, log-uniform in [1/k, k]: the same surface under
+    more or less light. X = S.Y is linear, so the pair stays consistent; it teaches the exposure
+    invariance the root-polynomial regression has by construction. k = 1 changes nothing."""
+    if k == 1:
+        return rgb, target
+    scale = torch.exp((2 * torch.rand(rgb.shape[0], 1, 1, 1, generator=g) - 1) * math.log(k))
+    return rgb * scale.to(rgb.device), target * scale.to(target.device)

@@ -480,6 +480,28 @@ class DyProMamba(nn.Module):
 LOSS_WEIGHTS = {"phsi": 1.0, "rep": 1.0, "ssim": 0.3, "p2i": 0.3, "smooth": 0.0}
 
 
+def parse_weights(text: str) -> dict[str, float]:
+    """'phsi=1,rep=1,ssim=0.3,p2i=0.3' -> the loss weights of Eq. (15); terms not named keep the paper's.
+    A weight of 0 removes its term (pixel_ssr_loss computes nothing for it)."""
+    weights = dict(LOSS_WEIGHTS)
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name.strip() not in weights:
+            raise ValueError(f"--loss-weights: unknown term {name.strip()!r}; the terms are {', '.join(weights)}")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--loss-weights: {item.strip()!r} is not term=number") from None
+    if any(w < 0 or not math.isfinite(w) for w in weights.values()) or not any(weights.values()):
+        raise ValueError(f"--loss-weights: weights must be finite and >= 0, and one > 0; got {format_weights(weights)}")
+    return weights
+
+
+def format_weights(weights: dict[str, float]) -> str:
+    """The inverse of parse_weights: {'phsi': 1.0, ...} -> 'phsi=1,rep=1,ssim=0.3,p2i=0.3'."""
+    return ",".join(f"{k}={v:g}" for k, v in weights.items())
+
+
 def pixel_ssr_loss(model: DyProMamba, rgb: torch.Tensor, hsi: torch.Tensor, y3: torch.Tensor,
                    target: torch.Tensor, mask: torch.Tensor, srf: torch.Tensor,
                    weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -234,7 +234,7 @@ def test_unsupervised_mode_trains_the_prior_and_eval_reports_the_smoothest_basel
     terms = []
     monkeypatch.setattr(P, "pixel_ssr_loss", lambda *a, _real=P.pixel_ssr_loss: terms.append(_real(*a)[1]) or _real(*a))
     ckpt = _fit(root, run, "--label-ratio", "0", test=REAL_TEST, patches=FEW_STEPS)
-    assert train.parse_weights(ckpt["train_config"]["loss_weights"])["smooth"] > 0
+    assert P.parse_weights(ckpt["train_config"]["loss_weights"])["smooth"] > 0
     assert terms and all("smooth" in t and t["phsi"] == 0 for t in terms)
     report = _eval(run, tmp_path / "ev")
     assert "smoothest_baseline" in report and "root_poly_baseline" not in report
@@ -398,7 +398,7 @@ def test_exposure_augmentation_scales_rgb_and_spectra_together():
     """Guards against scaling one side only (X = S.Y broken) or a factor outside [1/k, k]."""
     hsi = torch.rand(64, 31, 4, 4)
     rgb = cameras.rgb_from_hsi(hsi, "cie1964")
-    r2, h2 = train.augment_exposure(rgb, hsi, 2.0, torch.Generator().manual_seed(0))
+    r2, h2 = labels.augment_exposure(rgb, hsi, 2.0, torch.Generator().manual_seed(0))
     torch.testing.assert_close(r2, cameras.rgb_from_hsi(h2, "cie1964"), rtol=1e-5, atol=1e-6)
     scale = (h2 / hsi).flatten(1)
     assert torch.allclose(scale, scale[:, :1]) and scale.min() >= 0.5 - 1e-6 and scale.max() <= 2 + 1e-6
@@ -445,7 +445,7 @@ def test_every_fit_flag_is_saved_in_the_checkpoint_and_eval_rebuilds_that_networ
     assert {k: ckpt["model_config"][k] for k in fields} == fields
     assert ckpt["train_config"]["measured_points"] == (0.5 if "--measured-points" in argv else 0)
     assert ckpt["train_config"]["pair_patches"] == ("--measured-points" in argv)
-    weights = train.parse_weights(ckpt["train_config"]["loss_weights"])
+    weights = P.parse_weights(ckpt["train_config"]["loss_weights"])
     assert weights["ssim"] == (0 if "ssim=0" in argv else 0.3) and weights["p2i"] == (0 if "--no-drpn" in argv else 0.3)
     built = []
     monkeypatch.setattr(evaluate, "build_model", lambda *a, _real=runs.build_model: built.append(_real(*a)) or built[-1])

@@ -52,7 +52,7 @@ import pixelssr as P
 import predict
 import pretrain
 import tables
-from labels import PatchDataset, expand_label_sets, gamma_params, make_label_sets
+from labels import PatchDataset, augment_exposure, expand_label_sets, gamma_params, make_label_sets
 from runs import (Budget, Ranks, UsageError, add_run_flags, autocast, drop_log_after, keep_freed_cpu_memory,
                   load_checkpoint, load_weights, parse_run_args, positive, provenance, refuse_contradiction, save_atomic,
                   seeded, share, slice_shares, start_ranks, unwrap)
@@ -148,7 +148,7 @@ def fit_on(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> Path
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None  # the weights validated and saved for eval
     if ema is not None and ckpt is not None:
         load_weights(ema, ckpt, "ema", out / "last.pt")
-    srf_dev, weights = srf.to(device), parse_weights(cfg.loss_weights)
+    srf_dev, weights = srf.to(device), P.parse_weights(cfg.loss_weights)
     net = model if ranks.world == 1 else DistributedDataParallel(model, [device] if device.type == "cuda" else None)
     judged = model if ema is None else ema  # the network validation scores and eval will build
 
@@ -237,15 +237,6 @@ def draw_batch(dataset: PatchDataset, epoch: int, i: int, cfg: TrainConfig, gamm
         pts = torch.where(fed.to(device), target.to(device), pts)
     return tuple(t.to(device) for t in (rgb, target, mask)), pts
 
-def augment_exposure(rgb: torch.Tensor, target: torch.Tensor, k: float, g: torch.Generator):
-    """Scale each sample's RGB and spectra by one factor, log-uniform in [1/k, k]: the same surface under
-    more or less light. X = S.Y is linear, so the pair stays consistent; it teaches the exposure
-    invariance the root-polynomial regression has by construction. k = 1 changes nothing."""
-    if k == 1:
-        return rgb, target
-    scale = torch.exp((2 * torch.rand(rgb.shape[0], 1, 1, 1, generator=g) - 1) * math.log(k))
-    return rgb * scale.to(rgb.device), target * scale.to(target.device)
-
 def slice_loss(model, batch, points, srf, weights: dict, part: slice, amp: str = "none") -> dict[str, torch.Tensor]:
     """The loss terms of Eq. (15) on batch[part], each weighted by slice_shares into that slice's share of
     the whole batch's term: summed over the slices of a batch they are its terms, and so are their
@@ -323,7 +314,7 @@ def run_configs(args) -> tuple[TrainConfig, P.Config]:
     --loss-weights says otherwise); at label ratio 1 (image-level supervision) the network gets no point
     cube unless --points is given, as the paper's supervised baselines."""
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    weights = parse_weights(cfg.loss_weights)  # a typo stops the run here, not after the data is read
+    weights = P.parse_weights(cfg.loss_weights)  # a typo stops the run here, not after the data is read
     if cfg.exposure < 1 or cfg.warmup < 0 or cfg.val_every < 0 or not 0 <= cfg.ema < 1:
         raise ValueError(f"--exposure must be >= 1 (got {cfg.exposure}), --warmup and --val-every >= 0 "
                          f"(got {cfg.warmup}, {cfg.val_every}), --ema in [0, 1) (got {cfg.ema}).")
@@ -344,7 +335,7 @@ def run_configs(args) -> tuple[TrainConfig, P.Config]:
         cfg = dataclasses.replace(cfg, pair_patches=True)
     if cfg.label_ratio >= 1 and "points" not in args.given:
         cfg = dataclasses.replace(cfg, points="zeros")
-    cfg = dataclasses.replace(cfg, loss_weights=format_weights(weights))
+    cfg = dataclasses.replace(cfg, loss_weights=P.format_weights(weights))
     return cfg, P.Config(points=cfg.points, h2r=weights["p2i"] > 0, **{k: getattr(args, k) for k in MODEL_FLAGS})
 
 def check_mae_flags(cfg: TrainConfig, args: argparse.Namespace) -> None:
@@ -371,10 +362,10 @@ def flag_name(dest: str) -> str:
 def check_resume(args, ckpt: dict) -> None:
     """Raise, in one sentence, if a flag given with --resume contradicts the checkpoint's run."""
     cfg, mcfg = run_configs(args)
-    now = {**dataclasses.asdict(cfg), **dataclasses.asdict(mcfg), "loss_weights": parse_weights(cfg.loss_weights)}
+    now = {**dataclasses.asdict(cfg), **dataclasses.asdict(mcfg), "loss_weights": P.parse_weights(cfg.loss_weights)}
     was = {**dataclasses.asdict(TrainConfig()), **dataclasses.asdict(P.Config()),  # a field added since: its default
            **ckpt["train_config"], **ckpt["model_config"],
-           "loss_weights": parse_weights(ckpt["train_config"]["loss_weights"])}
+           "loss_weights": P.parse_weights(ckpt["train_config"]["loss_weights"])}
     for role in ("test", "val"):  # scene lists compare as sets of names
         now[f"{role}_scenes"] = sorted(data.scene_name(n) for n in getattr(args, f"{role}_scenes") or [])
         was[f"{role}_scenes"] = sorted(ckpt["split"][role])
@@ -396,26 +387,6 @@ def run_settings(args) -> tuple[dict | None, TrainConfig, P.Config, dict[str, li
     check_resume(args, ckpt)
     cfg = dataclasses.replace(TrainConfig(**ckpt["train_config"]), max_minutes=args.max_minutes)
     return ckpt, cfg, P.Config(**ckpt["model_config"]), ckpt["split"]
-
-def parse_weights(text: str) -> dict[str, float]:
-    """'phsi=1,rep=1,ssim=0.3,p2i=0.3' -> the loss weights of Eq. (15); terms not named keep the paper's.
-    A weight of 0 removes its term (pixelssr.pixel_ssr_loss computes nothing for it)."""
-    weights = dict(P.LOSS_WEIGHTS)
-    for item in filter(None, text.split(",")):
-        name, _, value = item.partition("=")
-        if name.strip() not in weights:
-            raise ValueError(f"--loss-weights: unknown term {name.strip()!r}; the terms are {', '.join(weights)}")
-        try:
-            weights[name.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"--loss-weights: {item.strip()!r} is not term=number") from None
-    if any(w < 0 or not math.isfinite(w) for w in weights.values()) or not any(weights.values()):
-        raise ValueError(f"--loss-weights: weights must be finite and >= 0, and one > 0; got {format_weights(weights)}")
-    return weights
-
-def format_weights(weights: dict[str, float]) -> str:
-    """The inverse of parse_weights: {'phsi': 1.0, ...} -> 'phsi=1,rep=1,ssim=0.3,p2i=0.3'."""
-    return ",".join(f"{k}={v:g}" for k, v in weights.items())
 
 def root_poly_prior(labels: dict) -> np.ndarray:
     """The (6, 31) map of --prior rootpoly, as float32 for the model's buffer."""
