@@ -500,7 +500,7 @@ def test_label_patches_draw_every_position_that_holds_the_label():
 @given(h=st.integers(8, 40), w=st.integers(8, 40), p=st.integers(4, 16), data_=st.data())
 def test_pair_patches_hold_a_label_and_its_partner_when_one_is_in_reach(h, w, p, data_):
     """fit --measured-points cuts patches around pairs of labels: with two labels less than a patch apart in
-    both coordinates, every patch holds both, at an offset uniform over those that do; out of reach, each
+    both coordinates, every patch holds both, and every offset that holds both is drawn; out of reach, each
     patch still holds one. Guards against a partner drawn but not held (a fed point with no unfed one beside it)."""
     pixel = st.tuples(st.integers(0, h - 1), st.integers(0, w - 1))
     a = data_.draw(pixel)
