@@ -40,17 +40,27 @@ from runs import UsageError, build_model, load_checkpoint, pick_device, positive
 
 @torch.no_grad()
 def reconstruct(model: P.DyProMamba, rgb: torch.Tensor, points: torch.Tensor, tile: int = 0,
-                overlap: int | None = None) -> torch.Tensor:
+                overlap: int | None = None, fed: torch.Tensor | None = None) -> torch.Tensor:
     """Y^r for one image. rgb (3, H, W), points (31, H, W) -> (31, H, W), on the model's device.
 
     tile = 0 runs the whole image at once (the evaluation protocol). tile > 0 runs overlapping
     tile x tile windows and blends them with a tent weight, so memory stays bounded on large photos.
+    fed (1, H, W) bool: the pixels whose spectra in `points` were measured, for a network with a point path
+    (measured.py), which then reads them over the whole image after the tiles.
     """
     dev = next(model.parameters()).device
     rgb, points = rgb.to(dev), points.to(dev)
+    fed = None if fed is None else fed.to(dev)[None]
     H, W = rgb.shape[-2:]
     if tile <= 0 or (H <= tile and W <= tile):
-        return model(rgb[None], points[None])[0][0]
+        return model(rgb[None], points[None], fed)[0][0]
+    out = tiled(model, rgb, points, tile, overlap)
+    return out if model.point_path is None else model.point_path(out[None], points[None], fed)[0]
+
+def tiled(model: P.DyProMamba, rgb: torch.Tensor, points: torch.Tensor, tile: int,
+          overlap: int | None) -> torch.Tensor:
+    """reconstruct's overlapping tiles, blended."""
+    dev, (H, W) = rgb.device, rgb.shape[-2:]
     out = torch.zeros(points.shape, device=dev)
     weight = torch.zeros(1, H, W, device=dev)
     overlap = tile // 4 if overlap is None else min(overlap, tile // 4)  # keep most of each tile new
@@ -109,9 +119,10 @@ def eval_scene(model, hsi: np.ndarray, srf: torch.Tensor, ratio: float, gamma: t
     target = torch.from_numpy(hsi).permute(2, 0, 1)  # (31, H, W)
     rgb = cameras.rgb_from_hsi(target[None], srf)[0]
     pts = P.sample_points((1, *target.shape), ratio, *gamma, generator=seeded(seed), dist=points)[0]
+    fed = None
     if measured is not None:
-        pts = paste(pts, *measured)
-    raw = reconstruct(model, rgb, pts, tile).cpu()
+        pts, fed = paste(pts, *measured), fed_mask(measured[0], target.shape[1:])
+    raw = reconstruct(model, rgb, pts, tile, fed=fed).cpu()
     pred, target = raw.clamp(0, 1), as_float64(target)
     return pred, metrics(pred, target), band_stats(raw, target)
 
@@ -271,6 +282,12 @@ def paste(cube: torch.Tensor, coords: np.ndarray, spectra: np.ndarray) -> torch.
     out = cube.clone()
     out[:, coords[:, 0], coords[:, 1]] = torch.as_tensor(spectra, dtype=out.dtype).T
     return out
+
+def fed_mask(coords: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
+    """(1, H, W) bool, True at the measured pixels (k, 2) fed to the network."""
+    fed = torch.zeros(1, *shape, dtype=torch.bool)
+    fed[0, coords[:, 0], coords[:, 1]] = True
+    return fed
 
 def calibration_points(hsi: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """eval --calib-points: k pixels (k, 2) of a scene (H, W, 31), drawn once by seed, and their true spectra

@@ -17,7 +17,8 @@ What is here, in reading order (the paper's sections and equations):
   - losses                                                           Supp. Sec. 7, Eq. (14)-(15)
   - metrics: rmse, psnr, psnr_bandwise, ssim, sam (and mrae, NTIRE's)  Supp. Sec. 6, Eq. (10)-(13), metrics.py
 The FRFT lives in frft.py, the selective scan (M_scan, SS2D) in ssm.py, the metrics in metrics.py (named
-here too), and the other bodies of the universal paradigm (Sec. 4.3, Table 2: MST++, HSCNN+) in backbones.py.
+here too), the other bodies of the universal paradigm (Sec. 4.3, Table 2: MST++, HSCNN+) in backbones.py, and
+the path of measured points around the body (beyond the paper; cfg.point_path) in measured.py.
 
 Glossary (code name = paper symbol):
   rgb        = X, the RGB image (b, 3, h, w)            points = Y_g^p, Gamma point spectra (b, 31, h, w)
@@ -42,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from frft import frft2
+from measured import PointPath
 from metrics import MRAE_EPS, channel_ssim, mrae, psnr, psnr_bandwise, rmse, sam, ssim  # noqa: F401 (the public names)
 from ssm import SS2D
 
@@ -85,6 +87,9 @@ class Config:
     # "none" frozen, or all but the "last" block frozen (--mae-freeze)
     use_isff: bool = True
     mae_freeze: str = "all"
+    # beyond the paper (fit --point-path, measured.py): a last layer that spreads measured spectra fed at known
+    # pixels to the pixels of their material, so that a spectrometer's points reach the output
+    point_path: bool = False
 
 
 # -----------------------------------------------------------------------------
@@ -420,7 +425,8 @@ class DyProMamba(nn.Module):
     forward(rgb (b, 3, h, w), points (b, 31, h, w)) -> (hsi (b, 31, h, w), y3 (b, 31, h, w)), any h, w:
     sizes the body cannot take are padded to its multiple (RGB by edge replication, points by zeros so no
     measured spectrum is duplicated) and cropped back. Without the DRPN (cfg.use_drpn off, Table 4's row
-    without it) the body's Y3 is the point cube itself, and that is what comes back as y3.
+    without it) the body's Y3 is the point cube itself, and that is what comes back as y3. fed (b, 1, h, w)
+    bool: the pixels whose point-cube spectrum was measured, read by cfg.point_path's layer only (measured.py).
     """
 
     def __init__(self, cfg: Config | None = None, body: type[nn.Module] = PromptSSMU):
@@ -445,17 +451,22 @@ class DyProMamba(nn.Module):
             self.gate = nn.Parameter(torch.zeros(nb, 1, 1))
         else:
             self.prior = self.gate = None
+        self.point_path = PointPath(nb) if cfg.point_path else None
 
-    def forward(self, rgb: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, rgb: torch.Tensor, points: torch.Tensor,
+                fed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = rgb.shape[-2:]
+        cube = points
         k = self.body.multiple
         ph, pw = -h % k, -w % k
         if ph or pw:
             rgb = F.pad(rgb, (0, pw, 0, ph), mode="replicate")
             points = F.pad(points, (0, pw, 0, ph))
         y3, p_spe = self.drpn(rgb, points) if self.drpn is not None else (points, None)
-        hsi = self.head(self.body(rgb, y3, p_spe), rgb)  # Eq. (8), Y^r
-        return hsi[..., :h, :w], y3[..., :h, :w]
+        hsi = self.head(self.body(rgb, y3, p_spe), rgb)[..., :h, :w]  # Eq. (8), Y^r
+        if self.point_path is not None:
+            hsi = self.point_path(hsi, cube, fed)
+        return hsi, y3[..., :h, :w]
 
     def head(self, y: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
         """Y^r from the last conv's (b, 31, h, w) output: with the root-polynomial prior, M(X) plus the output

@@ -23,8 +23,8 @@ import torch
 import cameras
 import data
 import pixelssr as P
-from evaluate import (CALIBRATION_METHOD, calibrate, calibrate_locally, paste, points_exposure, reconstruct,
-                      write_outputs)
+from evaluate import (CALIBRATION_METHOD, calibrate, calibrate_locally, fed_mask, paste, points_exposure,
+                      reconstruct, write_outputs)
 from runs import UsageError, build_model, load_checkpoint, pick_device, positive, seeded
 
 CLIPPED = 1 - 0.5 / 255    # a channel this close to full scale recorded more light than it holds
@@ -130,10 +130,11 @@ def reconstruct_with_points(model: P.DyProMamba, rgb: torch.Tensor, pts: torch.T
     if not scale > 0:
         raise UsageError(f"{points}: the measured spectra do not match the image's colours at their pixels "
                          f"(exposure factor {scale:.3g}); check their rows and columns.")
+    fed = None
     if use in ("network", "both"):  # at the RGB's exposure, as training fed them
-        pts = paste(pts, coords, spectra / scale)
+        pts, fed = paste(pts, coords, spectra / scale), fed_mask(coords, rgb.shape[-2:])
         print(f"the {len(coords)} measured spectra of {points} enter the network's point cube at their pixels")
-    pred = reconstruct(model, rgb, pts, tile).clamp(0, 1).cpu()
+    pred = reconstruct(model, rgb, pts, tile, fed=fed).clamp(0, 1).cpu()
     if use in ("calibration", "both"):
         pred = calibrate(pred, rgb, srf, coords, spectra)
         print(f"corrected with the {len(coords)} measured spectra of {points} ({CALIBRATION_METHOD})")

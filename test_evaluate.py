@@ -201,13 +201,14 @@ def test_reconstruct_runs_an_image_that_fits_one_tile_whole():
 
 class _PixelwiseModel(torch.nn.Module):
     """A stand-in network whose output at a pixel depends on that pixel's input alone: tiling must not
-    change its result, wherever the tiles fall and however they are blended."""
+    change its result, wherever the tiles fall and however they are blended. No point path (measured.py)."""
+    point_path = None
 
     def __init__(self):
         super().__init__()
         self.mix = torch.nn.Conv2d(3 + 31, 31, 1)
 
-    def forward(self, rgb: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, rgb: torch.Tensor, points: torch.Tensor, fed=None) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.mix(torch.cat([rgb, points], 1))
         return y, y
 

@@ -124,7 +124,8 @@ def test_predict_points_enter_the_point_cube_at_the_rgbs_exposure(real_run, tmp_
     output, which moves little with the points)."""
     truth, coords = _photo_and_points(real_run, tmp_path)
     cubes, real_reconstruct = [], predict.reconstruct
-    monkeypatch.setattr(predict, "reconstruct", lambda m, rgb, pts, tile: cubes.append(pts) or real_reconstruct(m, rgb, pts, tile))
+    monkeypatch.setattr(predict, "reconstruct",
+                        lambda m, rgb, pts, tile, **kw: cubes.append(pts) or real_reconstruct(m, rgb, pts, tile, **kw))
     plain = _predict(real_run, tmp_path / "rgb16.png", tmp_path / "plain", "--exposure", "2")
     fed = _predict(real_run, tmp_path / "rgb16.png", tmp_path / "fed", "--exposure", "2", "--points",
                    str(tmp_path / "pts.csv"), "--use-points", "network")

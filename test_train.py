@@ -370,15 +370,17 @@ def test_time_budget_schedule_ends_at_the_budget(monkeypatch):
 def test_measured_points_feed_a_random_part_of_the_patchs_labels_with_their_true_spectra(share):
     """--measured-points P: the point cube of a batch differs from the paper's (the same seeded Gamma draw)
     at labelled pixels only, there it holds the pixel's true spectrum (the loss's target), and it does so at
-    about a share P of them. The fed points are thus a subset of the run's fixed label set."""
+    about a share P of them; the mask draw_batch returns beside the cube marks exactly those pixels. The fed
+    points are thus a subset of the run's fixed label set."""
     scenes = data.demo_scenes(n=2, size=64)
     ds = labels.PatchDataset([(cube, labels.draw_label_set(64, 64, 0.02, i)) for i, (_, cube) in enumerate(scenes)],
                              cameras.srf_matrix("cie1964"), patch=32, stride=16)
     cfg = train.TrainConfig(batch_size=16, patch=32, label_ratio=0.02, measured_points=share)
-    (_, target, mask), pts = train.draw_batch(ds, 0, 0, cfg, (2.0, 0.1), "gamma", torch.device("cpu"))
-    _, paper = train.draw_batch(ds, 0, 0, dataclasses.replace(cfg, measured_points=0.0), (2.0, 0.1), "gamma",
-                                torch.device("cpu"))
+    (_, target, mask), pts, told = train.draw_batch(ds, 0, 0, cfg, (2.0, 0.1), "gamma", torch.device("cpu"))
+    _, paper, none = train.draw_batch(ds, 0, 0, dataclasses.replace(cfg, measured_points=0.0), (2.0, 0.1), "gamma",
+                                      torch.device("cpu"))
     fed = (pts != paper).any(1, keepdim=True)  # (b, 1, h, w)
+    assert none is None and torch.equal(told, fed)  # the network (--point-path) is told which pixels were fed
     assert not (fed & ~mask).any()
     torch.testing.assert_close(pts * fed, target * fed, rtol=0, atol=0)
     labelled = int(mask.sum())

@@ -149,7 +149,9 @@ def fit_on(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> Path
     if ema is not None and ckpt is not None:
         load_weights(ema, ckpt, "ema", out / "last.pt")
     srf_dev, weights = srf.to(device), P.parse_weights(cfg.loss_weights)
-    net = model if ranks.world == 1 else DistributedDataParallel(model, [device] if device.type == "cuda" else None)
+    # a rank's slice without a fed pixel leaves the point path (--point-path) without a gradient that step
+    net = model if ranks.world == 1 else DistributedDataParallel(model, [device] if device.type == "cuda" else None,
+                                                                 find_unused_parameters=mcfg.point_path)
     judged = model if ema is None else ema  # the network validation scores and eval will build
 
     if ranks.main:
@@ -171,9 +173,9 @@ def fit_on(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> Path
     while run["step"] < run["total_steps"]:
         step = run["step"]
         epoch, i = divmod(step, steps_per_epoch)
-        batch, points = draw_batch(dataset, epoch, i, cfg, gamma, mcfg.points, device)
+        batch, points, fed = draw_batch(dataset, epoch, i, cfg, gamma, mcfg.points, device)
         lr = get_lr(step, run["total_steps"], cfg)
-        loss, terms = train_step(net, optimizer, batch, points, srf_dev, lr, weights, ranks, cfg.amp)
+        loss, terms = train_step(net, optimizer, batch, points, srf_dev, lr, weights, ranks, cfg.amp, fed)
         if not torch.isfinite(loss):
             raise UsageError(f"{out}: the loss became {loss.item()} at step {step}; "
                              f"{out / 'last.pt'} holds the last good state.")
@@ -223,8 +225,10 @@ def validation(judged, val_scenes: dict, srf: torch.Tensor, cfg: "TrainConfig", 
 # the pieces of a step
 
 def draw_batch(dataset: PatchDataset, epoch: int, i: int, cfg: TrainConfig, gamma: tuple[float, float],
-               points: str, device: torch.device) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """Batch i of an epoch, ((rgb, target, mask), point cube), on the device. Every draw (the epoch's order,
+               points: str, device: torch.device) -> tuple[tuple[torch.Tensor, ...], torch.Tensor,
+                                                            torch.Tensor | None]:
+    """Batch i of an epoch, ((rgb, target, mask), point cube, fed), on the device; fed (b, 1, h, w): the
+    labels whose true spectra are in the cube (--measured-points), else None. Every draw (the epoch's order,
     the patches' flips, the exposure, the points) is seeded by (seed, epoch, i), so a resumed run draws
     exactly what the uninterrupted one did."""
     order = torch.randperm(len(dataset), generator=seeded(cfg.seed, epoch))
@@ -232,26 +236,28 @@ def draw_batch(dataset: PatchDataset, epoch: int, i: int, cfg: TrainConfig, gamm
     rgb, target, mask = dataset.batch(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], g)
     rgb, target = augment_exposure(rgb, target, cfg.exposure, g)
     pts = P.sample_points(target.shape, cfg.label_ratio, *gamma, generator=g, dist=points, device=device)
+    fed = None
     if cfg.measured_points:  # a random part of the patch's fixed labels, at their pixels, over the Gamma cube
-        fed = mask & (torch.rand(mask.shape, generator=g) < cfg.measured_points)  # (b, 1, h, w)
-        pts = torch.where(fed.to(device), target.to(device), pts)
-    return tuple(t.to(device) for t in (rgb, target, mask)), pts
+        fed = (mask & (torch.rand(mask.shape, generator=g) < cfg.measured_points)).to(device)  # (b, 1, h, w)
+        pts = torch.where(fed, target.to(device), pts)
+    return tuple(t.to(device) for t in (rgb, target, mask)), pts, fed
 
-def slice_loss(model, batch, points, srf, weights: dict, part: slice, amp: str = "none") -> dict[str, torch.Tensor]:
+def slice_loss(model, batch, points, srf, weights: dict, part: slice, amp: str = "none",
+               fed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The loss terms of Eq. (15) on batch[part], each weighted by slice_shares into that slice's share of
     the whole batch's term: summed over the slices of a batch they are its terms, and so are their
     gradients. The forward runs under `autocast(amp)`, the losses in float32 (see there)."""
     rgb, target, mask = batch
     shares = slice_shares(mask, part)
     with autocast(amp, rgb.device):
-        hsi, y3 = model(rgb[part], points[part])
+        hsi, y3 = model(rgb[part], points[part], None if fed is None else fed[part])
     # The losses outside autocast, on float32 outputs (see autocast).
     _, terms = P.pixel_ssr_loss(unwrap(model), rgb[part], hsi.float(), y3.float(), target[part], mask[part],
                                 srf, weights)
     return {k: v * shares[k] for k, v in terms.items()}
 
 def train_step(model, optimizer, batch, points, srf, lr: float, weights: dict, ranks: Ranks = Ranks(),
-               amp: str = "none") -> tuple[torch.Tensor, dict]:
+               amp: str = "none", fed: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """One Adam step on one batch; returns the whole batch's loss and its terms (Eq. 15).
 
     Data parallel (ranks.world > 1, `model` wrapped in DistributedDataParallel): every rank holds the
@@ -261,7 +267,7 @@ def train_step(model, optimizer, batch, points, srf, lr: float, weights: dict, r
     for group in optimizer.param_groups:
         group["lr"] = lr
     model.train()
-    terms = slice_loss(model, batch, points, srf, weights, ranks.part(batch[0].shape[0]), amp)
+    terms = slice_loss(model, batch, points, srf, weights, ranks.part(batch[0].shape[0]), amp, fed)
     loss = sum(weights[k] * v for k, v in terms.items())
     whole = dict(zip(terms, ranks.sum(torch.stack([v.detach() for v in terms.values()]))))
     whole_loss = sum(weights[k] * v for k, v in whole.items())
@@ -292,7 +298,7 @@ def validate(model, val_scenes: dict, srf: torch.Tensor, cfg: "TrainConfig", gam
 # the model Config fields that are fit flags of the same name (the switches as --no-spa etc.); with
 # --points and the loss weights, every ablation of Tables 2-6 is a flag
 MODEL_FLAGS = ("use_spa", "use_hf", "use_spe", "use_prompt_ssm", "use_drpn", "spa_transform", "backbone", "output", "prior",
-               "use_isff", "mae_freeze")
+               "use_isff", "mae_freeze", "point_path")
 
 # --resume continues a run with its own settings: a flag that says otherwise is an error, except these,
 # which belong to the session (the time budget, the device), not to the run
@@ -324,6 +330,8 @@ def run_configs(args) -> tuple[TrainConfig, P.Config]:
         raise ValueError(f"--measured-points feeds a part of the labelled pixels to the network: it needs a label ratio "
                          f"between 0 and 1 (got {cfg.label_ratio}) and a share below 1, so that some labels are only "
                          f"scored (got {cfg.measured_points}).")
+    if args.point_path and not cfg.measured_points:
+        raise ValueError("--point-path learns from the labels fed beside the scored ones: it needs --measured-points.")
     if not args.use_drpn and weights["p2i"]:
         if "loss_weights" in args.given:
             raise ValueError("--no-drpn leaves no Y3 for L_P2I to constrain: give it weight 0 (p2i=0).")
@@ -414,6 +422,9 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
                    help="feed each labelled pixel of a patch into the point cube with its true spectrum with "
                         "probability P (beyond the paper: for eval --calib-points and predict --points); "
                         "implies --pair-patches unless --no-pair-patches")
+    f.add_argument("--point-path", action="store_true",
+                   help="with --measured-points: a last layer spreading the fed spectra to the pixels of their "
+                        "material (beyond the paper; measured.py)")
     f.add_argument("--loss-weights", default=d.loss_weights, help="Eq. (15) weights, e.g. phsi=1,rep=1,ssim=0.3,p2i=0.3")
     f.add_argument("--label-patches", action=argparse.BooleanOptionalAction, default=d.label_patches,
                    help="cut each training patch around a labelled pixel (the label set stays fixed)")
