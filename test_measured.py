@@ -1,6 +1,7 @@
 """measured.py: the point path spreads fed spectra as its formula says (against a loop over pixels and
 points), reaches a lone fed pixel exactly, moves the pixels of a fed material and not others, and leaves
-the network untouched where nothing is fed; fit --point-path trains it and eval reads it across tiles."""
+the network untouched where nothing is fed; fit --point-path trains it, eval reads it across tiles, and
+predict feeds it a points file."""
 
 import dataclasses
 import math
@@ -15,6 +16,7 @@ import cameras
 import data
 import evaluate
 import measured as M
+import predict
 import train
 from conftest import SMALL, _demo_dir, _eval, _fit, _inputs, _model, examples
 
@@ -102,6 +104,28 @@ def test_fed_points_reach_the_output_of_a_network_with_the_path_beyond_their_pix
         model = _model(dataclasses.replace(SMALL, point_path=path)).eval()
         plain = evaluate.eval_scene(model, hsi, srf, 1e-4, (2.0, 0.1), "gamma", 0)[0]
         fed = evaluate.eval_scene(model, hsi, srf, 1e-4, (2.0, 0.1), "gamma", 0, measured=(coords, spectra))[0]
+        moved[path] = float((fed - plain)[:, keep].abs().mean())
+    assert moved[True] > 1e-3 and moved[True] > 100 * moved[False]
+
+
+def test_predict_feeds_a_points_file_to_the_path(tmp_path):
+    """predict --points FILE --use-points network: the file's spectra reach the path, which moves the pixels
+    beyond them (the paper's network, without the path, barely moves)."""
+    hsi = data.demo_scenes(n=1, size=32)[0][1]
+    srf = torch.from_numpy(cameras.srf_matrix("cie1964"))
+    rgb = torch.from_numpy(hsi @ cameras.srf_matrix("cie1964").T).permute(2, 0, 1).float()
+    coords = np.array([[3, 4], [20, 9], [28, 30]])
+    with open(tmp_path / "pts.csv", "w") as f:
+        f.writelines(",".join(map(str, [r, c, *hsi[r, c]])) + "\n" for r, c in coords)
+    keep = np.ones(hsi.shape[:2], bool)
+    keep[coords[:, 0], coords[:, 1]] = False
+    _, pts = _inputs(1, 32, 32)
+    moved = {}
+    for path in (False, True):
+        model = _model(dataclasses.replace(SMALL, point_path=path)).eval()
+        with torch.no_grad():
+            plain = evaluate.reconstruct(model, rgb, pts[0]).clamp(0, 1)
+            fed = predict.reconstruct_with_points(model, rgb, pts[0], 0, srf, str(tmp_path / "pts.csv"), "network")
         moved[path] = float((fed - plain)[:, keep].abs().mean())
     assert moved[True] > 1e-3 and moved[True] > 100 * moved[False]
 
