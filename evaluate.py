@@ -55,7 +55,8 @@ def reconstruct(model: P.DyProMamba, rgb: torch.Tensor, points: torch.Tensor, ti
     if tile <= 0 or (H <= tile and W <= tile):
         return model(rgb[None], points[None], fed)[0][0]
     out = tiled(model, rgb, points, tile, overlap)
-    return out if model.point_path is None else model.point_path(out[None], points[None], fed)[0]
+    path = getattr(model, "point_path", None)  # None: the paper's network, or a stand-in without one
+    return out if path is None else path(out[None], points[None], fed)[0]
 
 def tiled(model: P.DyProMamba, rgb: torch.Tensor, points: torch.Tensor, tile: int,
           overlap: int | None) -> torch.Tensor:

@@ -201,8 +201,7 @@ def test_reconstruct_runs_an_image_that_fits_one_tile_whole():
 
 class _PixelwiseModel(torch.nn.Module):
     """A stand-in network whose output at a pixel depends on that pixel's input alone: tiling must not
-    change its result, wherever the tiles fall and however they are blended. No point path (measured.py)."""
-    point_path = None
+    change its result, wherever the tiles fall and however they are blended."""
 
     def __init__(self):
         super().__init__()

@@ -40,21 +40,27 @@ def reference(y: np.ndarray, points: np.ndarray, fed: np.ndarray, angle: float, 
 
 
 @given(h=st.integers(1, 6), w=st.integers(1, 6), k=st.integers(1, 4), seed=st.integers(0, 999),
-       angle=st.floats(0.05, 1.0), reach=st.floats(0.5, 10.0))
+       angle=st.floats(0.05, 1.0), reach=st.floats(0.5, 10.0), chunk=st.integers(1, 40))
 @examples(25)
-def test_point_path_matches_a_loop_over_pixels_and_points(h, w, k, seed, angle, reach):
+def test_point_path_matches_a_loop_over_pixels_and_points(h, w, k, seed, angle, reach, chunk):
+    """Two images, each with its own fed pixels (the second maybe none), against the loop; and one image
+    in chunks of pixels (`one`) as in one piece."""
     rng = np.random.default_rng(seed)
-    y, pts = rng.uniform(0, 1, (2, 4, h, w))
-    fed = np.zeros((h, w), bool)
-    fed.flat[rng.choice(h * w, min(k, h * w), replace=False)] = True
+    y, pts = rng.uniform(0, 1, (2, 2, 4, h, w))
+    fed = np.zeros((2, 1, h, w), bool)
+    fed[0].flat[rng.choice(h * w, min(k, h * w), replace=False)] = True
+    fed[1].flat[rng.choice(h * w, rng.integers(0, min(k, h * w) + 1), replace=False)] = True
     path = M.PointPath(4).double()
     with torch.no_grad():
         path.log_angle.fill_(math.log(angle))
         path.log_reach.fill_(math.log(reach))
         path.scale.copy_(torch.from_numpy(rng.uniform(0, 2, 4)))
-        out = path(torch.from_numpy(y)[None], torch.from_numpy(pts)[None], torch.from_numpy(fed)[None, None])[0]
-    np.testing.assert_allclose(out.numpy(), reference(y, pts, fed, angle, reach, path.scale.detach().numpy()),
-                               rtol=1e-10, atol=1e-12)
+        out = path(*map(torch.from_numpy, (y, pts, fed)))
+        chunked = path.one(*map(torch.from_numpy, (y[0], pts[0], fed[0, 0])), chunk=chunk)
+    for i in range(2):
+        want = reference(y[i], pts[i], fed[i, 0], angle, reach, path.scale.detach().numpy())
+        np.testing.assert_allclose(out[i].numpy(), want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(chunked.numpy(), out[0].numpy(), rtol=1e-12, atol=1e-14)
 
 
 def test_a_lone_fed_pixel_takes_its_measured_spectrum():
@@ -156,6 +162,7 @@ def test_training_with_fed_points_moves_the_paths_scales(tmp_path):
     assert ckpt["model_config"]["point_path"]
     for name in ("log_angle", "log_reach", "scale"):
         assert not torch.equal(state["point_path." + name], fresh[name]), name
+    _fit(root, tmp_path / "run", "--resume", "--point-path", epochs=None)  # restating the run's own flag is no error
     report = _eval(tmp_path / "run", tmp_path / "eval", "--calib-points", "3")
     assert "calibration" in next(iter(report["scenes"].values()))
 
@@ -194,3 +201,20 @@ def test_path_keeps_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = path(y, pts, fed)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_fed_mask_marks_the_pixels_paste_writes():
+    coords = np.array([[0, 6], [2, 1], [4, 4]])  # (row, col) on a 5 x 7 image
+    pasted = evaluate.paste(torch.zeros(31, 5, 7), coords, np.ones((3, 31)))
+    assert torch.equal(evaluate.fed_mask(coords, (5, 7))[0], pasted.bool().any(0))
+
+
+def test_in_training_every_parameter_of_the_path_gets_a_gradient_even_with_nothing_fed():
+    """DistributedDataParallel expects a gradient for every parameter each step; a rank's slice may hold no
+    fed pixel, and the path's output is then the network's own, with a zero gradient for its parameters."""
+    path = M.PointPath(31).train()
+    y = torch.rand(2, 31, 4, 4, requires_grad=True)
+    out = path(y, torch.rand(2, 31, 4, 4), torch.zeros(2, 1, 4, 4, dtype=torch.bool))
+    torch.testing.assert_close(out, y, rtol=0, atol=0)
+    out.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in path.parameters())

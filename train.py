@@ -149,9 +149,7 @@ def fit_on(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> Path
     if ema is not None and ckpt is not None:
         load_weights(ema, ckpt, "ema", out / "last.pt")
     srf_dev, weights = srf.to(device), P.parse_weights(cfg.loss_weights)
-    # a rank's slice without a fed pixel leaves the point path (--point-path) without a gradient that step
-    net = model if ranks.world == 1 else DistributedDataParallel(model, [device] if device.type == "cuda" else None,
-                                                                 find_unused_parameters=mcfg.point_path)
+    net = model if ranks.world == 1 else DistributedDataParallel(model, [device] if device.type == "cuda" else None)
     judged = model if ema is None else ema  # the network validation scores and eval will build
 
     if ranks.main:
@@ -330,7 +328,7 @@ def run_configs(args) -> tuple[TrainConfig, P.Config]:
         raise ValueError(f"--measured-points feeds a part of the labelled pixels to the network: it needs a label ratio "
                          f"between 0 and 1 (got {cfg.label_ratio}) and a share below 1, so that some labels are only "
                          f"scored (got {cfg.measured_points}).")
-    if args.point_path and not cfg.measured_points:
+    if args.point_path and not cfg.measured_points and not args.resume:  # a resumed run keeps its own
         raise ValueError("--point-path learns from the labels fed beside the scored ones: it needs --measured-points.")
     if not args.use_drpn and weights["p2i"]:
         if "loss_weights" in args.given:
