@@ -62,6 +62,11 @@ Assumptions (the abstract is silent):
       last block and final norm train, the rest is frozen; "none": all of it trains.
   A12 Inputs are used as they are, values in [0, 1]: no normalisation that pre-training and stage 2 would
       have to share.
+  A13 Stage 2 runs the encoder window by window, over windows of Config.mae_window pixels (fit sets it to its
+      --patch), at training and at inference alike: attention then spans at most the context the encoder and
+      ISFF were trained on. A4's embeddings do extend to a whole image, but attention over 64 times the tokens
+      it was trained on does not: an S2-MAE pre-trained on 64 x 64 crops reconstructed a 512 x 512 scene from
+      its RGB some 8 dB worse in one piece than window by window (docs/results.md, "MAE-KTSR").
 """
 
 import dataclasses
@@ -406,6 +411,7 @@ class MAEKTSR(nn.Module):
         if cfg.mae_freeze not in FREEZE:
             raise ValueError(f"mae_freeze must be all, none or last, got {cfg.mae_freeze!r}")
         self.freeze = cfg.mae_freeze
+        self.window = max(1, cfg.mae_window // mae_cfg.patch) * mae_cfg.patch  # A13, whole tokens
         self.multiple = mae_cfg.patch  # also without ISFF, so that --no-isff pads exactly as the full body does
         self.conv_in = conv3(3 + cfg.bands, width)
         self.blocks = nn.ModuleList(SEResBlock(width) for _ in range(blocks))
@@ -419,7 +425,14 @@ class MAEKTSR(nn.Module):
                 self.mae.encoder.norm.requires_grad_(True)
 
     def tokens(self, rgb: torch.Tensor) -> torch.Tensor:
-        """The encoder's RGB-token grid (b, width, h/p, w/p), with autograd only where parameters train."""
+        """The encoder's RGB-token grid (b, width, h/p, w/p), each window of self.window pixels encoded on its
+        own (A13; the last row and column of windows may be smaller)."""
+        h, w, s = *rgb.shape[-2:], self.window
+        return torch.cat([torch.cat([self.encode(rgb[..., t:t + s, l:l + s]) for l in range(0, w, s)], -1)
+                          for t in range(0, h, s)], -2)
+
+    def encode(self, rgb: torch.Tensor) -> torch.Tensor:
+        """encode_rgb on one window, with autograd only where parameters train (A11)."""
         if self.freeze == "all":
             with torch.no_grad():
                 return self.mae.encode_rgb(rgb)

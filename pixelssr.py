@@ -82,11 +82,11 @@ class Config:
     # fitted on the run's labelled pixels (a (6, 31) buffer, saved with the weights), g a per-band gate
     # that starts at zero, so training starts at the classical baseline; "none": the paper's network alone
     prior: str = "none"
-    # MAE-KTSR's body only (backbone "maektsr", maektsr.py; not Pixel-SSR's): its Inter-Stage Feature Fusion on or
-    # off (--no-isff), and which of the pre-trained S2-MAE encoder's weights train: "all" frozen (the default),
-    # "none" frozen, or all but the "last" block frozen (--mae-freeze)
+    # MAE-KTSR's body only (backbone "maektsr", maektsr.py): ISFF on or off (--no-isff); which encoder weights
+    # train (--mae-freeze all / none / last); the window its encoder attends within (fit's --patch, A13)
     use_isff: bool = True
     mae_freeze: str = "all"
+    mae_window: int = 128           # pixels, fit's default --patch (the paper's minimum input size)
     # beyond the paper (fit --point-path, measured.py): a last layer that spreads measured spectra fed at known
     # pixels to the pixels of their material, so that a spectrometer's points reach the output
     point_path: bool = False

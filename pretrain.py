@@ -40,7 +40,8 @@ from runs import (Budget, UsageError, add_run_flags, drop_log_after, load_checkp
 
 # what OUT/last.pt (the run, for --resume) and OUT/encoder.pt (what fit --mae-ckpt loads) hold
 RUN_KEYS = ("pretrain_config", "data", "split", "labels", "step", "total_steps", "mae", "optimizer")
-ENCODER_KEYS = ("config", "encoder", "regime", "source_scenes", "data", "srf", "label_ratio", "label_seed", "labels")
+ENCODER_KEYS = ("config", "encoder", "regime", "source_scenes", "data", "srf", "label_ratio", "label_seed", "labels",
+                "crop")
 
 
 @dataclasses.dataclass
@@ -145,7 +146,7 @@ def pretrain(args: argparse.Namespace) -> Path:
     log.close()
     encoder = {**maektsr.encoder_state(mae), "regime": cfg.source, "source_scenes": split["train"], "data": root,
                "srf": cfg.srf, "label_ratio": cfg.label_ratio if cfg.source == "points" else 1.0,
-               "label_seed": cfg.seed, "labels": stored}
+               "label_seed": cfg.seed, "labels": stored, "crop": cfg.patch}
     save_atomic(encoder, out / "encoder.pt")
     print(f"wrote {out / 'encoder.pt'} (fit --backbone maektsr --mae-ckpt {out / 'encoder.pt'})")
     return out / "encoder.pt"
@@ -200,11 +201,13 @@ def resumed_setting(args: argparse.Namespace, ckpt: dict, name: str) -> tuple:
 # -----------------------------------------------------------------------------
 # stage 2: what fit loads
 
-def attach_encoder(body: maektsr.MAEKTSR, path: str, split: dict, srf: str, labels: dict, label_ratio: float) -> None:
+def attach_encoder(body: maektsr.MAEKTSR, path: str, split: dict, srf: str, labels: dict, label_ratio: float,
+                   patch: int) -> None:
     """Load a pre-trained encoder into stage 2, after the checks that keep a run honest: the encoder never
     read a scene this run tests or validates on, was pre-trained under this run's camera response, read
     whole cubes of this run's training scenes only if the run has every pixel (label ratio 1), and, if it
-    read labelled pixels (points), read only pixels this run has labelled too. UsageError otherwise."""
+    read labelled pixels (points), read only pixels this run has labelled too; and it was pre-trained on
+    crops of this run's --patch, the window stage 2 runs it in (maektsr.py, A13). UsageError otherwise."""
     state = load_checkpoint(path, ENCODER_KEYS, "pre-trained encoder (train.py pretrain writes OUT/encoder.pt)")
     held_out = {data.scene_name(n) for n in split["test"] + split["val"]}
     seen = sorted(held_out & {data.scene_name(n) for n in state["source_scenes"]})
@@ -226,6 +229,9 @@ def attach_encoder(body: maektsr.MAEKTSR, path: str, split: dict, srf: str, labe
                 raise UsageError(f"--mae-ckpt {path} read labelled pixels of {name} that this run does not have "
                                  f"(pre-trained at label ratio {state['label_ratio']:g}, seed {state['label_seed']}): "
                                  f"pre-train with this run's --label-ratio and --seed.")
+    if state["crop"] != patch:
+        raise UsageError(f"--mae-ckpt {path} was pre-trained on {state['crop']}-pixel crops and stage 2 runs it in "
+                         f"windows of this run's --patch {patch}: pre-train with --patch {patch}.")
     try:
         maektsr.load_encoder(body, state)
     except ValueError as e:

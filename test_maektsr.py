@@ -216,6 +216,28 @@ def test_isff_scale_gets_gradient_at_zero():
     assert all(isff.scale.grad.abs().sum() > 0 for isff in body.isff.values())
 
 
+def test_tokens_of_a_window_depend_on_that_window_alone():
+    """A13: the encoder attends within windows of mae_window pixels (here 2 x 2 tokens of 4 pixels); the image's
+    20 x 12 pixels leave a smaller last row and column of windows."""
+    body = _body(P.Config(mae_window=8)).eval()
+    _, rgb, _ = _data(1, 20, 12, 0)
+    moved = rgb.clone()
+    moved[..., 8:16, 0:8] = torch.rand(1, 3, 8, 8)  # the window of token rows 2-3, columns 0-1
+    with torch.no_grad():
+        changed = (body.tokens(moved) - body.tokens(rgb)).abs().amax(1)[0] > 0  # (5, 3) token grid
+    expect = torch.zeros(5, 3, dtype=torch.bool)
+    expect[2:4, 0:2] = True
+    assert torch.equal(changed, expect)
+
+
+def test_a_window_as_large_as_the_image_is_the_global_encoder():
+    body = _body(P.Config(mae_window=16)).eval()
+    _, rgb, _ = _data(2, 16, 12, 1)
+    with torch.no_grad():
+        assert torch.equal(body.tokens(rgb), body.mae.encode_rgb(rgb))
+        assert not torch.allclose(_body(P.Config(mae_window=8)).eval().tokens(rgb), body.mae.encode_rgb(rgb))
+
+
 def test_local_attention_matches_a_loop():
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(1, 4, 6, 4, generator=g), torch.randn(1, 4, 3, 2, generator=g), torch.randn(1, 4, 3, 2, generator=g)

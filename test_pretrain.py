@@ -82,7 +82,7 @@ def test_a_pretrained_encoder_reaches_stage_two_intact_and_frozen(tmp_path):
     run = _fit(root, tmp_path / "fit", "--label-ratio", "0.01", "--backbone", "maektsr", "--mae-ckpt",
                str(tmp_path / "pre" / "encoder.pt"))
     body = {k[len("body.mae.encoder."):]: v for k, v in run["model"].items() if k.startswith("body.mae.encoder.")}
-    assert body.keys() == encoder["encoder"].keys()
+    assert body.keys() == encoder["encoder"].keys() and run["model_config"]["mae_window"] == 32  # FAST's --patch
     assert all(torch.equal(body[k], encoder["encoder"][k]) for k in body)
     assert any(not torch.equal(v, run["model"][k]) for k, v in _fit(root, tmp_path / "fit0", "--label-ratio", "0.01",
                                                                     "--backbone", "maektsr", "--mae-init", "random",
@@ -100,7 +100,9 @@ def test_a_pretrained_encoder_reaches_stage_two_intact_and_frozen(tmp_path):
     (["--label-ratio", "0.05"], ["--label-ratio", "0.01"], "label ratio 0.05"),
     (["--label-ratio", "0.01", "--seed", "1"], ["--label-ratio", "0.01"], "seed 1"),
     (["--source", "cubes"], ["--label-ratio", "0.01"], "whole cubes"),
-], ids=["test scene", "validation scene", "camera response", "more labels", "other labels", "cubes, few labels"])
+    (["--source", "cubes", "--patch", "16"], ["--label-ratio", "1"], "16-pixel crops"),
+], ids=["test scene", "validation scene", "camera response", "more labels", "other labels", "cubes, few labels",
+        "other crops"])
 def test_fit_refuses_an_encoder_that_would_make_its_run_dishonest_in_one_sentence(tmp_path, capsys, pre, fit, words):
     root = _demo_dir(tmp_path)
     assert train.main(["pretrain", "--data", str(root), "--out", str(tmp_path / "pre"), "--epochs", "1",

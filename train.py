@@ -135,7 +135,7 @@ def fit_on(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> Path
     if model.prior is not None and ckpt is None:
         model.prior.copy_(torch.from_numpy(root_poly_prior(labels)))
     if cfg.mae_ckpt and ckpt is None:  # MAE-KTSR's stage 2: the pre-trained encoder, checked (pretrain.py)
-        pretrain.attach_encoder(model.body, cfg.mae_ckpt, split, cfg.srf, labels, cfg.label_ratio)
+        pretrain.attach_encoder(model.body, cfg.mae_ckpt, split, cfg.srf, labels, cfg.label_ratio, cfg.patch)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8)
     run = {"model_config": dataclasses.asdict(mcfg), "train_config": dataclasses.asdict(cfg), "step": 0,
            "total_steps": cfg.epochs * steps_per_epoch, "best_psnr": -math.inf, "data": root, "split": split,
@@ -342,7 +342,8 @@ def run_configs(args) -> tuple[TrainConfig, P.Config]:
     if cfg.label_ratio >= 1 and "points" not in args.given:
         cfg = dataclasses.replace(cfg, points="zeros")
     cfg = dataclasses.replace(cfg, loss_weights=P.format_weights(weights))
-    return cfg, P.Config(points=cfg.points, h2r=weights["p2i"] > 0, **{k: getattr(args, k) for k in MODEL_FLAGS})
+    return cfg, P.Config(points=cfg.points, h2r=weights["p2i"] > 0, mae_window=cfg.patch,
+                         **{k: getattr(args, k) for k in MODEL_FLAGS})
 
 def check_mae_flags(cfg: TrainConfig, args: argparse.Namespace) -> None:
     """MAE-KTSR's stage 2 takes its encoder from --mae-ckpt unless --mae-init random or --no-isff (no encoder);
