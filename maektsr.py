@@ -7,7 +7,7 @@ stages. Stage 1, S2-MAE, reconstructs spectral images from partially masked inpu
 conditions" and so learns a spectral representation. Stage 2, a lightweight CNN, reconstructs the HSI from RGB
 and takes that representation in through an Inter-Stage Feature Fusion module (ISFF). Everything below the
 abstract's level is ours, chosen from the closest public work (SpectralMAE, SS-MAE, MAE, MAE-FAR) and listed
-under the assumptions; the code marks each where it is made: (A1) ... (A12).
+under the assumptions; the code marks each where it is made: (A1) ... (A13).
 
 What is here, in reading order:
   - tokens: patchify, unpatchify, the sin-cos embeddings, draw_mask               stage 1
@@ -35,8 +35,8 @@ Assumptions (the abstract is silent):
       masking mode: "spectral" (no spatial masking) and "spatial" (no band masking) change only the rest.
   A4  Embeddings are fixed sin-cos: the 2-D position (MAE's) in the first 3/4 of the channels, the band's
       wavelength index in the last 1/4, concatenated as SatMAE does with its band groups, so the two codes
-      share no channel. Fixed, not learnable: they work at any grid size (whole images at inference), and
-      they give neighbouring wavelengths similar codes without having to learn it from a few scenes.
+      share no channel. Fixed, not learnable: they work at any grid size (any window of A13), and they
+      give neighbouring wavelengths similar codes without having to learn it from a few scenes.
   A5  Encoder: MAE's pre-norm ViT, width 128, 4 blocks, 4 heads, MLP x4. Samples of a batch keep their own
       ratios, so their visible counts differ: the band tokens are padded to the batch's largest count and
       the padding is masked out of attention (keys), and padded slots hold zeros.
@@ -56,17 +56,20 @@ Assumptions (the abstract is silent):
   A10 ISFF after blocks 2, 4 and 6: the token grid, 1x1-projected and bilinearly upsampled, plus cross-attention
       from each pixel's CNN feature to the 3 x 3 tokens around its patch, added through a per-channel scale that
       starts at 0 (MAE-FAR), so training starts as the plain CNN. Local, not global: the tokens already hold
-      global context (the encoder attends globally), and global pixel-to-token attention costs 2.pixels.tokens.c
-      multiply-adds per ISFF (at 512 x 512: 2.512^2.64^2.64, some 10^11), which whole-image evaluation cannot pay.
+      their window's context (the encoder attends across it, A13), and global pixel-to-token attention
+      costs 2.pixels.tokens.c multiply-adds per ISFF (at 512 x 512: 2.512^2.64^2.64, some 10^11), which
+      whole-image evaluation cannot pay.
   A11 Freezing (Config.mae_freeze): "all" (default): the encoder is frozen and run without autograd; "last": its
       last block and final norm train, the rest is frozen; "none": all of it trains.
   A12 Inputs are used as they are, values in [0, 1]: no normalisation that pre-training and stage 2 would
       have to share.
   A13 Stage 2 runs the encoder window by window, over windows of Config.mae_window pixels (fit sets it to its
-      --patch), at training and at inference alike: attention then spans at most the context the encoder and
-      ISFF were trained on. A4's embeddings do extend to a whole image, but attention over 64 times the tokens
-      it was trained on does not: an S2-MAE pre-trained on 64 x 64 crops reconstructed a 512 x 512 scene from
-      its RGB some 8 dB worse in one piece than window by window (docs/results.md, "MAE-KTSR").
+      --patch), at training and at inference alike: attention then spans the context the encoder and ISFF
+      were trained on. The last window of a row or column ends flush with the image, overlapping the one
+      before, so that every window is full-size where the image is. A4's embeddings do extend to a whole
+      image, but attention over 64 times the tokens it was trained on does not: an S2-MAE pre-trained on
+      64 x 64 crops reconstructed a 512 x 512 scene from its RGB some 8 dB worse in one piece than window by
+      window (docs/results.md, "MAE-KTSR").
 """
 
 import dataclasses
@@ -394,6 +397,14 @@ class ISFF(nn.Module):
 FREEZE = {"all", "none", "last"}
 
 
+def windows(n: int, s: int, p: int) -> list[tuple[int, int]]:
+    """(start, overlap) of A13's windows along a side of n pixels: every s pixels from 0, the last flush with
+    the far edge (a full window where n >= s); overlap = its leading tokens of p pixels the window before
+    already gives. n and s are multiples of p."""
+    starts = sorted({*range(0, n - s + 1, s), max(n - s, 0)})
+    return [(a, (before + s - a) // p if k else 0) for k, (before, a) in enumerate(zip([0, *starts], starts))]
+
+
 class MAEKTSR(nn.Module):
     """MAE-KTSR's stage 2 as a body of pixelssr's paradigm (PromptSSMU's interface): no P_spe, `multiple`
     the MAE patch, `out` the last conv; forward(rgb (b, 3, h, w), y3 (b, 31, h, w), p_spe=None) -> (b, 31, h, w).
@@ -426,13 +437,15 @@ class MAEKTSR(nn.Module):
 
     def tokens(self, rgb: torch.Tensor) -> torch.Tensor:
         """The encoder's RGB-token grid (b, width, h/p, w/p), each window of self.window pixels encoded on its
-        own (A13; the last row and column of windows may be smaller)."""
-        h, w, s = *rgb.shape[-2:], self.window
-        return torch.cat([torch.cat([self.encode(rgb[..., t:t + s, l:l + s]) for l in range(0, w, s)], -1)
-                          for t in range(0, h, s)], -2)
+        own (A13); where the last window overlaps the one before, its tokens past the overlap are kept."""
+        (h, w), s, p = rgb.shape[-2:], self.window, self.mae.cfg.patch
+        rows = [[self.encode(rgb[..., t:t + s, l:l + s])[..., i:, j:] for l, j in windows(w, s, p)]
+                for t, i in windows(h, s, p)]
+        return torch.cat([torch.cat(row, -1) for row in rows], -2)
 
     def encode(self, rgb: torch.Tensor) -> torch.Tensor:
-        """encode_rgb on one window, with autograd only where parameters train (A11)."""
+        """encode_rgb on one window, (b, 3, hw, ww) -> (b, width, hw/p, ww/p), with autograd only where
+        parameters train (A11)."""
         if self.freeze == "all":
             with torch.no_grad():
                 return self.mae.encode_rgb(rgb)

@@ -13,7 +13,8 @@ own, kept in the encoder's checkpoint and checked by `fit` (attach_encoder, docs
   - cubes: the full cubes of the training scenes (image-level supervision, label ratio 1), or of another
     dataset given by --data (e.g. pre-train on ICVL, train and test on CAVE).
 `fit` refuses an encoder pre-trained on one of its test or validation scenes, under another camera
-response, or (points) on labels its run does not have.
+response, (points) on labels its run does not have, or on crops of another size than its --patch (stage 2
+runs the encoder in windows of --patch pixels, maektsr A13).
 
 Training follows MAE: AdamW (betas 0.9 / 0.95, weight decay 0.05), linear warm-up, then a cosine decay to
 zero; masks and batches are drawn from generators seeded by (seed, epoch, step), so a resumed run is exact.
@@ -40,8 +41,7 @@ from runs import (Budget, UsageError, add_run_flags, drop_log_after, load_checkp
 
 # what OUT/last.pt (the run, for --resume) and OUT/encoder.pt (what fit --mae-ckpt loads) hold
 RUN_KEYS = ("pretrain_config", "data", "split", "labels", "step", "total_steps", "mae", "optimizer")
-ENCODER_KEYS = ("config", "encoder", "regime", "source_scenes", "data", "srf", "label_ratio", "label_seed", "labels",
-                "crop")
+ENCODER_KEYS = ("config", "encoder", "regime", "source_scenes", "data", "srf", "label_ratio", "label_seed", "labels")
 
 
 @dataclasses.dataclass
@@ -229,6 +229,9 @@ def attach_encoder(body: maektsr.MAEKTSR, path: str, split: dict, srf: str, labe
                 raise UsageError(f"--mae-ckpt {path} read labelled pixels of {name} that this run does not have "
                                  f"(pre-trained at label ratio {state['label_ratio']:g}, seed {state['label_seed']}): "
                                  f"pre-train with this run's --label-ratio and --seed.")
+    if "crop" not in state:  # written before stage 2 ran its encoder in windows (maektsr.py, A13)
+        raise UsageError(f"--mae-ckpt {path} does not record the crop size it was pre-trained on: pre-train again "
+                         f"with --patch {patch}.")
     if state["crop"] != patch:
         raise UsageError(f"--mae-ckpt {path} was pre-trained on {state['crop']}-pixel crops and stage 2 runs it in "
                          f"windows of this run's --patch {patch}: pre-train with --patch {patch}.")

@@ -127,6 +127,8 @@ def load_checkpoint(path: str | Path, keys: tuple[str, ...] = CHECKPOINT_KEYS,
     stale = set(ckpt["model_config"]) - {f.name for f in dataclasses.fields(P.Config)} if "model_config" in keys else ()
     if stale:
         raise earlier_network(path, ckpt, f"its settings {', '.join(sorted(stale))} no longer exist")
+    if "model_config" in keys and "mae_window" not in ckpt["model_config"]:  # a run from before maektsr's A13
+        ckpt["model_config"]["mae_window"] = ckpt["train_config"]["patch"]  # what fit now sets
     return ckpt
 
 

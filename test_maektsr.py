@@ -217,20 +217,34 @@ def test_isff_scale_gets_gradient_at_zero():
 
 
 def test_tokens_of_a_window_depend_on_that_window_alone():
-    """A13: the encoder attends within windows of mae_window pixels (here 2 x 2 tokens of 4 pixels); the image's
-    20 x 12 pixels leave a smaller last row and column of windows."""
+    """A13: the encoder attends within windows of mae_window pixels, here 2 x 2 tokens of 4 pixels."""
     body = _body(P.Config(mae_window=8)).eval()
-    _, rgb, _ = _data(1, 20, 12, 0)
+    _, rgb, _ = _data(1, 16, 24, 0)
     moved = rgb.clone()
-    moved[..., 8:16, 0:8] = torch.rand(1, 3, 8, 8)  # the window of token rows 2-3, columns 0-1
+    moved[..., 8:16, 8:16] = torch.rand(1, 3, 8, 8)  # the window of token rows 2-3, columns 2-3
     with torch.no_grad():
-        changed = (body.tokens(moved) - body.tokens(rgb)).abs().amax(1)[0] > 0  # (5, 3) token grid
-    expect = torch.zeros(5, 3, dtype=torch.bool)
-    expect[2:4, 0:2] = True
+        changed = (body.tokens(moved) - body.tokens(rgb)).abs().amax(1)[0] > 0  # (4, 6) token grid
+    expect = torch.zeros(4, 6, dtype=torch.bool)
+    expect[2:4, 2:4] = True
     assert torch.equal(changed, expect)
 
 
+def test_every_window_is_full_size_and_the_last_ends_flush_with_the_image():
+    """A 20 x 12 image in windows of 8: rows start at 0, 8, 12 and columns at 0, 4; the last window's tokens
+    past its overlap with the one before are the image's last tokens."""
+    body = _body(P.Config(mae_window=8)).eval()
+    seen, encode = [], body.encode
+    body.encode = lambda x: seen.append(tuple(x.shape[-2:])) or encode(x)
+    _, rgb, _ = _data(1, 20, 12, 1)
+    with torch.no_grad():
+        tokens = body.tokens(rgb)  # (1, width, 5, 3)
+        last = encode(rgb[..., 12:20, 4:12])  # (1, width, 2, 2)
+    assert seen == [(8, 8)] * 6 and tokens.shape[-2:] == (5, 3)
+    assert torch.equal(tokens[..., 4:, 2:], last[..., 1:, 1:])
+
+
 def test_a_window_as_large_as_the_image_is_the_global_encoder():
+    """One window holding the whole image is encode_rgb's global attention; smaller windows are not."""
     body = _body(P.Config(mae_window=16)).eval()
     _, rgb, _ = _data(2, 16, 12, 1)
     with torch.no_grad():
@@ -256,7 +270,7 @@ def test_local_attention_matches_a_loop():
 
 @pytest.mark.parametrize("freeze", ["all", "last", "none"])
 def test_frozen_encoder_gets_no_gradient_and_trainable_count_matches(freeze):
-    body = _body(P.Config(mae_freeze=freeze))
+    body = _body(P.Config(mae_freeze=freeze, mae_window=4))  # the 8 x 8 image in 4 windows (A13)
     enc = body.mae.encoder
     unfrozen = {"all": [], "last": [enc.blocks[-1], enc.norm], "none": [enc]}[freeze]
     cnn = _params(body) - _params(body.mae)

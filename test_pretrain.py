@@ -13,9 +13,10 @@ import torch
 import evaluate
 import maektsr
 import pretrain
+import runs
 import tables
 import train
-from conftest import FAST, _crash_on_call, _demo_dir, _fit
+from conftest import FAST, _crash_on_call, _demo_dir, _fit, _fit_argv
 
 PRE = ("--patch", "32", "--stride", "32", "--batch-size", "2", "--device", "cpu")
 
@@ -100,9 +101,7 @@ def test_a_pretrained_encoder_reaches_stage_two_intact_and_frozen(tmp_path):
     (["--label-ratio", "0.05"], ["--label-ratio", "0.01"], "label ratio 0.05"),
     (["--label-ratio", "0.01", "--seed", "1"], ["--label-ratio", "0.01"], "seed 1"),
     (["--source", "cubes"], ["--label-ratio", "0.01"], "whole cubes"),
-    (["--source", "cubes", "--patch", "16"], ["--label-ratio", "1"], "16-pixel crops"),
-], ids=["test scene", "validation scene", "camera response", "more labels", "other labels", "cubes, few labels",
-        "other crops"])
+], ids=["test scene", "validation scene", "camera response", "more labels", "other labels", "cubes, few labels"])
 def test_fit_refuses_an_encoder_that_would_make_its_run_dishonest_in_one_sentence(tmp_path, capsys, pre, fit, words):
     root = _demo_dir(tmp_path)
     assert train.main(["pretrain", "--data", str(root), "--out", str(tmp_path / "pre"), "--epochs", "1",
@@ -123,6 +122,7 @@ def test_fit_refuses_an_encoder_that_would_make_its_run_dishonest_in_one_sentenc
     (["--no-isff"], "--no-isff"),
     (["--backbone", "maektsr", "--mae-init", "random", "--mae-ckpt", "x.pt"], "--mae-ckpt"),
     (["--backbone", "maektsr", "--mae-ckpt", "{tmp}/missing.pt"], "missing.pt"),
+    (["--backbone", "maektsr", "--mae-init", "random", "--patch", "36"], "multiple of 8"),
 ])
 def test_maektsr_flags_that_do_not_fit_together_are_one_sentence(tmp_path, capsys, flags, words):
     argv = ["fit", "--out", str(tmp_path / "r"), "--epochs", "1", *FAST, *[f.replace("{tmp}", str(tmp_path))
@@ -130,6 +130,36 @@ def test_maektsr_flags_that_do_not_fit_together_are_one_sentence(tmp_path, capsy
     assert train.main(argv) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("crop", [16, None], ids=["other size", "not recorded"])
+def test_fit_refuses_an_encoder_pre_trained_on_crops_of_another_size_than_its_patch(tmp_path, capsys, crop):
+    """Stage 2 runs the encoder in windows of fit's --patch (maektsr A13), the context it must have been
+    pre-trained on; an encoder from before encoders recorded their crop cannot say."""
+    root = _demo_dir(tmp_path)
+    encoder = _pretrain(root, tmp_path / "pre", "--source", "cubes", "--patch", str(crop or 32))
+    assert encoder["crop"] == (crop or 32)
+    if crop is None:
+        del encoder["crop"]
+        torch.save(encoder, tmp_path / "pre" / "encoder.pt")
+    capsys.readouterr()
+    argv = _fit_argv(root, tmp_path / "fit", "--label-ratio", "1", "--device", "cpu", "--backbone", "maektsr",
+                     "--mae-ckpt", str(tmp_path / "pre" / "encoder.pt"))
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert ("16-pixel crops" if crop else "does not record") in err and "--patch 32" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_from_before_encoder_windows_is_read_with_its_patch_as_window(tmp_path):
+    """A checkpoint whose model settings predate Config.mae_window gets what fit now sets: its --patch."""
+    root = _demo_dir(tmp_path)
+    run = _fit(root, tmp_path / "fit", "--label-ratio", "0.01", "--backbone", "maektsr", "--mae-init", "random",
+               "--patch", "40", "--stride", "40")
+    del run["model_config"]["mae_window"]
+    torch.save(run, tmp_path / "old.pt")
+    assert runs.load_checkpoint(tmp_path / "old.pt")["model_config"]["mae_window"] == 40
+    assert runs.build_model(runs.load_checkpoint(tmp_path / "old.pt"), torch.device("cpu")).body.window == 40
 
 
 def test_pretraining_resumed_after_a_crash_ends_with_the_same_encoder_and_refuses_other_settings(tmp_path,

@@ -48,6 +48,7 @@ import backbones
 import cameras
 import data
 import evaluate
+import maektsr
 import pixelssr as P
 import predict
 import pretrain
@@ -361,6 +362,10 @@ def check_mae_flags(cfg: TrainConfig, args: argparse.Namespace) -> None:
     if cfg.mae_ckpt and not wants:
         raise ValueError("--mae-ckpt is the encoder of --backbone maektsr with ISFF and --mae-init pretrained; "
                          "this run has no use for it.")
+    token = maektsr.MAEConfig.patch
+    if args.backbone == "maektsr" and args.use_isff and cfg.patch % token:  # a patch is one encoder window (A13)
+        raise ValueError(f"--backbone maektsr encodes each --patch as one window of {token}-pixel tokens: give a "
+                         f"--patch that is a multiple of {token} (got {cfg.patch}).")
 
 def flag_name(dest: str) -> str:
     """fit's option for a setting: use_spa -> --no-spa, label_ratio -> --label-ratio."""
