@@ -439,11 +439,11 @@ class MAEKTSR(nn.Module):
         """The encoder's RGB-token grid (b, width, h/p, w/p), each window of self.window pixels encoded on its
         own (A13); where the last window overlaps the one before, its tokens past the overlap are kept."""
         (h, w), s, p = rgb.shape[-2:], self.window, self.mae.cfg.patch
-        rows = [[self.encode(rgb[..., t:t + s, l:l + s])[..., i:, j:] for l, j in windows(w, s, p)]
+        rows = [[self.encode_window(rgb[..., t:t + s, l:l + s])[..., i:, j:] for l, j in windows(w, s, p)]
                 for t, i in windows(h, s, p)]
         return torch.cat([torch.cat(row, -1) for row in rows], -2)
 
-    def encode(self, rgb: torch.Tensor) -> torch.Tensor:
+    def encode_window(self, rgb: torch.Tensor) -> torch.Tensor:
         """encode_rgb on one window, (b, 3, hw, ww) -> (b, width, hw/p, ww/p), with autograd only where
         parameters train (A11)."""
         if self.freeze == "all":

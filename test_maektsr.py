@@ -233,8 +233,8 @@ def test_every_window_is_full_size_and_the_last_ends_flush_with_the_image():
     """A 20 x 12 image in windows of 8: rows start at 0, 8, 12 and columns at 0, 4; the last window's tokens
     past its overlap with the one before are the image's last tokens."""
     body = _body(P.Config(mae_window=8)).eval()
-    seen, encode = [], body.encode
-    body.encode = lambda x: seen.append(tuple(x.shape[-2:])) or encode(x)
+    seen, encode = [], body.encode_window
+    body.encode_window = lambda x: seen.append(tuple(x.shape[-2:])) or encode(x)
     _, rgb, _ = _data(1, 20, 12, 1)
     with torch.no_grad():
         tokens = body.tokens(rgb)  # (1, width, 5, 3)
