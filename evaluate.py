@@ -223,10 +223,10 @@ def calibrate(pred: torch.Tensor, rgb: torch.Tensor, srf: torch.Tensor, coords: 
          about exposure), ridge-regularised toward no correction by CALIB_RIDGE points' worth.
       3. each corrected spectrum moved, by the least change, back onto its pixel's e.X (S.y' = e.X), which
          the correction may have left: the RGB was measured, it stays true.
-    Chosen by measurement (docs/results.md, "Calibration with measured points"): on fake_and_real_sushi with
-    the CPU recipe's checkpoint a gain per band fitted on the points lost 5-6 dB PSNR at one point and 1.7 dB
-    at 25, and a weaker ridge (1 or 4 points' worth) lost up to 3 dB at 2-5 points; this form moves PSNR by
-    -0.6..+0.3 dB and lowers SAM and MRAE.
+    Chosen by measurement over a gain per band and weaker ridges (docs/results.md, "Calibration with measured
+    points"). It lowers SAM, but its PSNR depends on which pixels were measured and can fall by a few dB
+    (docs/results.md, "Three training seeds on the shared split"); feeding the points through a --point-path
+    network first (predict --use-points both) did not lose PSNR there.
     Returns the corrected cube clamped to [0, 1]; paste puts the measured spectra at their own pixels."""
     h, w = pred.shape[1:]
     idx = coords[:, 0] * w + coords[:, 1]
