@@ -224,7 +224,7 @@ def calibrate(pred: torch.Tensor, rgb: torch.Tensor, srf: torch.Tensor, coords: 
       3. each corrected spectrum moved, by the least change, back onto its pixel's e.X (S.y' = e.X), which
          the correction may have left: the RGB was measured, it stays true.
     Chosen by measurement over a gain per band and weaker ridges (docs/results.md, "Calibration with measured
-    points"). It lowers SAM, but its PSNR depends on which pixels were measured and can fall by a few dB
+    points"). It usually lowers SAM, but its PSNR depends on which pixels were measured and can fall by a few dB
     (docs/results.md, "Three training seeds on the shared split"); feeding the points through a --point-path
     network first (predict --use-points both) did not lose PSNR there.
     Returns the corrected cube clamped to [0, 1]; paste puts the measured spectra at their own pixels."""
