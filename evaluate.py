@@ -111,7 +111,7 @@ def band_warnings(name: str, bands: dict[str, list[float]]) -> list[str]:
     bad += [f"band {i} ({nm[i]} nm) has a negative raw mean {mean[i]:.4f}" for i in np.flatnonzero(mean < 0)]
     return [f"warning: {name}: {b}" for b in bad]
 
-def eval_scene(model, hsi: np.ndarray, srf: torch.Tensor, ratio: float, gamma: tuple[float, float],
+def eval_scene(model: P.DyProMamba, hsi: np.ndarray, srf: torch.Tensor, ratio: float, gamma: tuple[float, float],
                points: str, seed: int, tile: int = 0,
                measured: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, dict, dict]:
     """Reconstruct one scene from its RGB and a seeded point cube; return (pred (31, H, W) clamped to
@@ -128,14 +128,16 @@ def eval_scene(model, hsi: np.ndarray, srf: torch.Tensor, ratio: float, gamma: t
     return pred, metrics(pred, target), band_stats(raw, target)
 
 
-def point_dependence(model, hsi: np.ndarray, srf: torch.Tensor, ratio: float, gamma: tuple[float, float],
-                     points: str, ref: tuple[torch.Tensor, dict, dict], tile: int = 0) -> dict[str, dict]:
+def point_dependence(model: P.DyProMamba, hsi: np.ndarray, srf: torch.Tensor, ratio: float,
+                     gamma: tuple[float, float], points: str, ref: tuple[torch.Tensor, dict, dict],
+                     tile: int = 0) -> dict[str, dict]:
     """eval --point-dependence (issue 25): how much the output depends on its point cube. ref is seed 0's
     eval_scene; against it, the output with the cube of another seed, of the other distribution of Table 3
     (Gamma <-> Gaussian) and with no points at all. Per cube: the RMS and the largest change of the clamped
     output per value (over bands and pixels), and the change of PSNR against the truth. Zero changes mean
     a network that ignores its points: its output is that of the RGB alone. (A run trained with --points
-    zeros has no cube to replace: all three of its changes are zero by construction.)"""
+    zeros gets an empty cube for its own distribution at any seed: those two changes are zero by
+    construction, and the Gamma cube measures it.)"""
     other = "gaussian" if points == "gamma" else "gamma"
     cubes = {f"{points}, seed 1": (points, 1), f"{other}, seed 0": (other, 0), "zeros": ("zeros", 0)}
     pred, m, _ = ref
@@ -227,7 +229,8 @@ def calibrate(pred: torch.Tensor, rgb: torch.Tensor, srf: torch.Tensor, coords: 
     points"). It usually lowers SAM, but its PSNR depends on which pixels were measured and can fall by a few dB
     (docs/results.md, "Three training seeds on the shared split"); feeding the points through a --point-path
     network first (predict --use-points both) did not lose PSNR there.
-    Returns the corrected cube clamped to [0, 1]; paste puts the measured spectra at their own pixels."""
+    Returns the corrected cube clamped to [0, 1] (uncorrected where the measured pixels are black in the RGB,
+    which says nothing of the exposure); paste puts the measured spectra at their own pixels."""
     h, w = pred.shape[1:]
     idx = coords[:, 0] * w + coords[:, 1]
     s = srf.double().numpy()                                           # (3, 31)
@@ -235,6 +238,8 @@ def calibrate(pred: torch.Tensor, rgb: torch.Tensor, srf: torch.Tensor, coords: 
     x = rgb.double().reshape(3, -1).T.numpy()                          # (H*W, 3)
     y = np.asarray(spectra, dtype=np.float64)                          # (k, 31)
     exposure = points_exposure(rgb, srf, coords, spectra)
+    if not exposure > 0:  # black at every measured pixel (or black spectra): no exposure, nothing to fit
+        return pred.clamp(0, 1)
     p, x = p * exposure, x * exposure
     f = P.root_poly_features(x)                                          # (H*W, 6)
     ftf = f[idx].T @ f[idx]
@@ -323,6 +328,7 @@ def calibration_scores(runs: list, fed: list, hsi: np.ndarray, srf: torch.Tensor
     return scores
 
 def calibration_line(cal: dict) -> str:
+    """One printed line of eval --calib-points: each scored cube's mean PSNR, SSIM, SAM and MRAE."""
     return "; ".join(f"{k}: " + ", ".join(f"{m} {v[m]['mean']:.4f}" for m in ("psnr", "ssim", "sam", "mrae"))
                      for k, v in cal.items() if isinstance(v, dict))
 
@@ -359,6 +365,7 @@ def write_outputs(out: Path, pred: torch.Tensor, target: torch.Tensor | None = N
         data.save_png(out / "error_rmse_0-0.1.png", np.clip(err / 0.1, 0, 1))  # fixed scale: maps compare across runs
 
 def summarise(values: list[dict]) -> dict:
+    """Metrics dicts of several Gamma draws -> {metric: {"mean", "std"}} over them."""
     return {k: {"mean": float(np.mean([v[k] for v in values])), "std": float(np.std([v[k] for v in values]))}
             for k in values[0]}
 
@@ -383,12 +390,15 @@ def evaluate(ckpt_path: str | Path, out: str | Path, root: str | None = None, sc
     root = root or ckpt["data"]  # default: the folder the run trained on
     names = [data.scene_name(n) for n in scenes or ckpt["split"]["test"]]
     if not names:
-        raise UsageError(f"{root}: no test scenes; name some with --scenes.")
+        raise UsageError(f"{root or 'the demo scenes'}: no test scenes; name some with --scenes.")
     if set(names) & set(ckpt["split"]["train"]):
         print(f"warning: {sorted(set(names) & set(ckpt['split']['train']))} were training scenes.")
     # the classical floor: root-polynomial regression fitted on the very same labelled pixels
-    every_pixel = [n for n, v in ckpt["labels"].items() if "every_pixel" in v]  # re-read those training scenes
-    rp, n_labels = labels_root_poly(expand_label_sets(ckpt["labels"], data.load_scenes(root, every_pixel), srf))
+    # at image level the checkpoint keeps the rule "every pixel": re-read those training scenes from the
+    # folder the run trained on, which --data (the scenes to evaluate) need not be
+    every_pixel = [n for n, v in ckpt["labels"].items() if "every_pixel" in v]
+    trained_on = data.load_scenes(ckpt["data"], every_pixel)
+    rp, n_labels = labels_root_poly(expand_label_sets(ckpt["labels"], trained_on, srf))
     # the classical answer beside the network: with labels, that regression; without any (the unsupervised mode),
     # the smoothest non-negative spectrum consistent with the RGB, which needs none
     if rp is not None:

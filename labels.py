@@ -112,7 +112,7 @@ class PatchDataset(Dataset):
     point spectra Y^p, zero elsewhere. Only the labelled spectra are kept at all (the rest of the cube
     is dropped once the RGB is made), so no unlabelled ground truth can leak into training.
     One epoch visits every patch position at `stride` of every scene, the last one flush with the
-    border; the random crop is the DataLoader's shuffled visit of these positions. Scenes smaller than
+    border; the random crop is train.draw_batch's seeded permutation of these positions. Scenes smaller than
     the patch are zero-padded at the bottom and right: a zero HSI renders to a zero RGB, so the padding
     is consistent with X = S.Y, and it holds no labels.
     `batch` gives each sample a random 90-degree rotation and horizontal flip (the 8 symmetries of
@@ -126,7 +126,7 @@ class PatchDataset(Dataset):
     length and its balance between scenes (each grid position stands for one draw in its scene).
     With pairs as well (fit --pair-patches, on with --measured-points), the patch holds a second labelled pixel too where the first
     has a partner within reach (both coordinates less than a patch apart): a fed spectrum then has an unfed
-    label beside it to teach carrying it (docs/design.md, "Measured points through the network").
+    label beside it to teach carrying it (docs/results.md, "Measured points through the network").
     """
 
     def __init__(self, scenes, srf="cie1964", patch: int = 128, stride: int = 64, around_labels: bool = False,

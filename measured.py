@@ -41,6 +41,9 @@ GAIN = 1.0     # the largest |log-ratio| a point applies per band: a near-black 
 
 
 class PointPath(nn.Module):
+    """The last layer of a --point-path network: each fed pixel's log-ratio spread to the pixels like it
+    (the formula above), with a learned angle, reach and per-band scale."""
+
     def __init__(self, bands: int):
         super().__init__()
         self.log_angle = nn.Parameter(torch.tensor(math.log(math.radians(ANGLE))))

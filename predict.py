@@ -51,8 +51,11 @@ def photo_rgb(path: str, kind: str, srf: str) -> tuple[np.ndarray, str, float]:
 
 def training_rgb(ckpt: dict) -> np.ndarray:
     """(k, 3) RGB the model was trained on: its labelled pixels' (an unbiased sample of the training RGB);
-    with no labels, (1, 3) grey at the Gamma's mean, which was then fitted to the training RGB values."""
-    rgb = torch.cat([v["rgb"] for v in ckpt["labels"].values()]).numpy()
+    with no labels, (1, 3) grey at the Gamma's mean, which was then fitted to the training RGB values; at
+    image level (the checkpoint keeps only the rule "every pixel", labels.make_label_sets, and the training
+    scenes need not be on this machine) that grey too, the Gamma then fitted to every training spectrum."""
+    sets = list(ckpt["labels"].values())
+    rgb = torch.cat([v["rgb"] for v in sets]).numpy() if all("rgb" in v for v in sets) else np.zeros((0, 3))
     return rgb if len(rgb) else np.full((1, 3), ckpt["gamma"][0] * ckpt["gamma"][1], np.float32)
 
 def exposure_gain(rgb: np.ndarray, train_rgb: np.ndarray) -> tuple[float, str]:
@@ -176,10 +179,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="spectra you measured in this image (row, col, 31 values at 400-700 nm a line): fed to "
                         "the network and/or correcting its cube (--use-points), and kept at their pixels (beyond the paper)")
     p.add_argument("--use-points", default=None, choices=["both", "network", "calibration"],
-                   help="what --points does: enter the network's point cube (for a run trained with "
-                        "--measured-points; so far such runs ignore them), correct its cube afterwards "
-                        "(evaluate.calibrate), or both; default: both for a run trained with --measured-points, "
-                        "else calibration")
+                   help="what --points does: enter the network's point cube (they reach the output of a run "
+                        "trained with --measured-points --point-path; other runs ignore them), correct its cube "
+                        "afterwards (evaluate.calibrate), or both; default: both for a run trained with "
+                        "--measured-points, else calibration")
     p.add_argument("--calibration", default="global", choices=["global", "local"],
                    help="the correction of --use-points calibration|both: global (one map for every pixel), or "
                         "local (then each pixel also by the points that look like its material; "

@@ -113,7 +113,7 @@ def pretrain(args: argparse.Namespace) -> Path:
 
     if ckpt is not None:
         drop_log_after(out / "log.jsonl", run["step"])  # the steps after last.pt are redone
-    log = open(out / "log.jsonl", "a", buffering=1)
+    log = open(out / "log.jsonl", "a" if ckpt is not None else "w", buffering=1)  # a new run: a log of its own
     budget = Budget(cfg.max_minutes, sized=cfg.max_minutes > 0 and not args.epochs_given and ckpt is None)
     pbar = tqdm(total=run["total_steps"], initial=run["step"], dynamic_ncols=True)
     first, srf_dev = run["step"], srf.to(device)

@@ -92,14 +92,13 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 # Without autograd it keeps no state at all, and the skip D·u goes into y in place: y is then the only
 # full-size tensor the scan allocates when called as SS2D calls it (Δ ready, l a multiple of K, no z),
 # Δ·u too being formed a step at a time.
-# How many chunks: each step's work is a few elementwise ops on one (b, K, d, n) state. Each op costs a
-# fixed ~5 µs plus its size, and is several times cheaper per element while the state stays in the CPU's
-# cache, so on a CPU K is chosen to make that state ~2 MB (the L2 of two cores): at SS2D's shapes
-# (b·d·n ≈ 40k-80k) that is a few long chunks, not hundreds of short ones. When it leaves K = 1, passes
-# (1)-(2) vanish. On a GPU the elementwise work is nearly free and each step costs its kernel launches:
-# about 30 per step of passes (1) and (3), forward and backward together, about 4 per step of pass (2).
-# 30·T + 4·K with K·T = l is least at K ≈ √(8l): for l = 128², 256 chunks of 64 steps. The backward
-# then holds ~2·_SUB states of b·K·d·n floats, ~0.75 GB at the model's largest scan at batch 8.
+# How many chunks: each step's work is a few elementwise ops on one (b, K, d, n) state, each with a fixed
+# cost beside its size and cheaper per element while the state stays in the CPU's cache, so on a CPU K is
+# chosen to make that state fit the L2 of two cores (_STATE_FLOATS): at SS2D's shapes a few long chunks,
+# not hundreds of short ones. When it leaves K = 1, passes (1)-(2) vanish. On a GPU the elementwise work is
+# nearly free and each step costs its kernel launches, about 30 per step of passes (1) and (3) and 4 per
+# step of pass (2): 30·T + 4·K with K·T = l is least at K ≈ √(8l). The backward holds ~2·_SUB states of
+# b·K·d·n floats. Measurements: docs/performance.md, "The selective scan on a CPU".
 # Internal layout: time-major, channels last — u, Δ, y as (b, l, d) and B, C as (b, l, g, n) — so that one
 # step of every chunk is a plain strided view (no copies), and the state is (b, K, g, n, d/g), channels
 # innermost. The contractions (y = Cᵀh and Σ_n B·ĝ over n; ∂C = h·dy and ∂B = ĝ·Δu over d) are a product
@@ -118,7 +117,7 @@ def _steps(x: Tensor, K: int) -> tuple[Tensor, ...]:
 
 def _base2(A: Tensor, g: int) -> Tensor:
     """A (d, n) -> log2(e)·A as (g, n, d/g), so that exp(Δ·A) = exp2(Δ·A2): the same number, but torch's
-    CPU exp2 is several times faster than its exp (and exponentiation is the scan's largest cost)."""
+    CPU exp2 is faster than its exp, and exponentiation is the scan's largest cost (docs/performance.md)."""
     d, n = A.shape
     return (A * math.log2(math.e)).view(g, d // g, n).transpose(1, 2).contiguous()
 

@@ -72,6 +72,7 @@ BASELINES = {"root_poly_baseline": "root-polynomial regression on the run's labe
 
 
 def row_dir(label: str) -> str:
+    """A row's folder name: its label with every character but letters and digits made "_"."""
     return "".join(c if c.isalnum() else "_" for c in label).strip("_")
 
 
@@ -96,8 +97,9 @@ def table(args: argparse.Namespace, fit: Callable, fit_args: Callable) -> dict:
                     print(f"\n== {args.name}: {label}{f', test scene {fold}' if fold else ''}, seed {seed}")
                     fit_run(args, fit, fit_args, fit_args(args.fit_args, **shared, **test, **fit_settings, seed=seed,
                                                           out=str(run)), settings.get("pretrain"))
-                    evaluate.evaluate(run / "last.pt", run / "eval", seeds=args.eval_seeds, tile=args.tile,
-                                      device=args.device)
+                    # the run's result, as fit returns it: best.pt where --val-scenes chose one, else last.pt
+                    chosen = run / "best.pt" if (run / "best.pt").is_file() else run / "last.pt"
+                    evaluate.evaluate(chosen, run / "eval", seeds=args.eval_seeds, tile=args.tile, device=args.device)
                 ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
                 runs.append({"seed": seed, "fold": fold, "steps": ckpt["step"], "report": json.loads(report.read_text())})
         rows.append({"label": label, "settings": settings, "runs": runs})

@@ -168,6 +168,18 @@ def test_calib_points_bring_the_unmeasured_pixels_closer_to_the_truth(real_run, 
     assert cal["unmeasured"]["rmse"]["mean"] < cal["uncorrected_unmeasured"]["rmse"]["mean"]
 
 
+def test_calibration_on_points_black_in_the_rgb_leaves_the_cube_as_it_was():
+    """Measured pixels whose RGB is black carry no exposure and no colour to fit a correction on: the cube
+    comes back unchanged (clamped), not a singular solve's traceback."""
+    g = torch.Generator().manual_seed(0)
+    pred, rgb = torch.rand(31, 6, 7, generator=g) * 1.2, torch.rand(3, 6, 7, generator=g)
+    coords = np.array([[1, 2], [4, 5]])
+    rgb[:, coords[:, 0], coords[:, 1]] = 0
+    srf = torch.from_numpy(cameras.srf_matrix())
+    fixed = evaluate.calibrate(pred, rgb, srf, coords, np.random.default_rng(0).random((2, 31)))
+    torch.testing.assert_close(fixed, pred.clamp(0, 1), rtol=0, atol=0)
+
+
 def test_band_warnings_name_an_inverted_and_an_outlying_band():
     rmse = [0.04] * 31
     rmse[20] = 0.09
@@ -176,6 +188,18 @@ def test_band_warnings_name_an_inverted_and_an_outlying_band():
     lines = evaluate.band_warnings("sushi", {"band_rmse": rmse, "band_raw_mean": mean})
     assert len(lines) == 2 and "band 20 (600 nm)" in lines[0] and "band 8 (480 nm)" in lines[1]
     assert evaluate.band_warnings("sushi", {"band_rmse": [0.04] * 31, "band_raw_mean": [0.2] * 31}) == []
+
+
+def test_an_image_level_runs_baseline_is_fitted_on_its_own_training_scenes_whatever_data_eval_reads(tmp_path):
+    """eval --data names the scenes to evaluate; the regression beside an image-level run is still fitted
+    on every pixel of the run's training scenes, re-read from the folder it trained on."""
+    root = _demo_dir(tmp_path)
+    _fit(root, tmp_path / "run", "--label-ratio", "1")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "demo_02.npy").write_bytes((root / "demo_02.npy").read_bytes())
+    moved = _eval(tmp_path / "run", tmp_path / "ev", "--data", str(elsewhere))
+    assert moved["root_poly_baseline"] == _eval(tmp_path / "run", tmp_path / "ev0")["root_poly_baseline"]
 
 
 def test_eval_reports_raw_band_means_and_warns_of_an_inverted_band(tmp_path, capsys):

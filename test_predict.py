@@ -16,7 +16,7 @@ import cameras
 import data
 import predict
 import train
-from conftest import DATA, REAL_TEST, _read_envi, _write_png16, needs_data
+from conftest import DATA, REAL_TEST, _demo_dir, _fit, _read_envi, _write_png16, needs_data
 
 
 def _srgb_encode(linear: np.ndarray) -> np.ndarray:
@@ -60,6 +60,19 @@ def test_photo_warnings_name_clipped_highlights_and_a_colour_cast():
     clipped, = predict.photo_warnings(grey, 0.05, train_rgb)
     balance, = predict.photo_warnings(cast, 0.0, train_rgb)
     assert "5.0 % of the pixels are clipped" in clipped and "channel balance" in balance
+
+
+def test_an_image_level_run_brings_a_photo_to_the_mean_of_its_gamma(tmp_path, capsys):
+    """At --label-ratio 1 the checkpoint keeps only the rule "every pixel", not the training RGB: predict's
+    exposure then aims at the Gamma's mean (fitted to every training spectrum), as for a run without labels."""
+    ckpt = _fit(_demo_dir(tmp_path), tmp_path / "run", "--label-ratio", "1")
+    assert all("every_pixel" in v for v in ckpt["labels"].values())
+    Image.fromarray(np.full((20, 30, 3), 40, np.uint8)).save(tmp_path / "grey.png")
+    assert train.main(["predict", "--ckpt", str(tmp_path / "run" / "last.pt"), "--rgb", str(tmp_path / "grey.png"),
+                       "--out", str(tmp_path / "pred")]) == 0
+    gamma_mean = ckpt["gamma"][0] * ckpt["gamma"][1]
+    assert f"to the training RGB's {gamma_mean:.4f}" in capsys.readouterr().out
+    assert np.load(tmp_path / "pred" / "cube.npy").shape == (20, 30, 31)
 
 
 def _predict(real_run, image: Path, out: Path, *extra: str) -> np.ndarray:

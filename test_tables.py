@@ -53,7 +53,8 @@ def test_folds_hold_each_scene_out_in_turn_and_never_train_validate_or_fit_the_p
     """`table recipe --folds` with a validation scene: one fold per other scene, whose run tests on that scene
     alone; the scene is in none of that run's training scenes, validation scenes or label sets (which the
     root-polynomial prior and the regression are fitted on), and the validation scene is never a fold.
-    table.md has each fold's PSNR beside the regression's."""
+    Each fold reports the checkpoint its validation chose (best.pt), as fit does. table.md has each fold's
+    PSNR beside the regression's."""
     root, out = _demo_dir(tmp_path), tmp_path / "table"
     argv = ["table", "recipe", "--folds", "--data", str(root), "--out", str(out), "--val-scenes", "demo_02",
             "--label-ratio", "0.01", "--epochs", "1", *FAST]
@@ -67,5 +68,6 @@ def test_folds_hold_each_scene_out_in_turn_and_never_train_validate_or_fit_the_p
             assert ckpt["split"]["test"] == [r["fold"]] and ckpt["split"]["val"] == ["demo_02"]
             assert r["fold"] not in ckpt["split"]["train"] + list(ckpt["labels"])
             assert list(r["report"]["scenes"]) == [r["fold"]]
+            assert Path(r["report"]["checkpoint"]) == run / "best.pt"
     md = (out / "table.md").read_text()
     assert "PSNR per fold" in md and all(f"| demo_0{i} |" in md for i in range(2))

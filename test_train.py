@@ -82,6 +82,35 @@ def test_the_log_holds_every_finished_step_while_the_run_goes_on(tmp_path, monke
     assert seen == list(range(len(seen))) and len(seen) > 1
 
 
+@pytest.mark.parametrize("bad_step", [1, 5])  # before the first epoch's last.pt, and after it
+def test_a_non_finite_loss_stops_the_run_in_one_sentence_naming_what_was_kept(tmp_path, monkeypatch, capsys, bad_step):
+    real, calls = train.train_step, [0]
+
+    def nan_at_bad_step(*a, **k):
+        calls[0] += 1
+        loss, terms = real(*a, **k)
+        return (loss * float("nan"), terms) if calls[0] == bad_step else (loss, terms)
+
+    monkeypatch.setattr(train, "train_step", nan_at_bad_step)
+    out = tmp_path / "run"
+    assert train.main(_fit_argv(_demo_dir(tmp_path), out, epochs=2)) != 0
+    err = capsys.readouterr().err
+    assert f"the loss became nan at step {bad_step - 1}" in err and "Traceback" not in err
+    kept = (out / "last.pt").is_file()
+    assert kept == (bad_step == 5) and ("holds the last good state" in err) == kept
+    assert ("no checkpoint was saved yet" in err) != kept
+
+
+def test_a_new_run_in_a_folder_with_a_cut_short_log_keeps_only_its_own_steps(tmp_path):
+    """A run cut before its first checkpoint leaves log.jsonl and no last.pt; a new fit into that folder
+    (as `table` starts one) logs steps 1, 2, ... alone, not after the dead run's."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
+    ckpt = _fit(_demo_dir(tmp_path), out, epochs=1)
+    assert [r["step"] for r in _log_losses(out)] == list(range(1, ckpt["step"] + 1))
+
+
 def test_learning_curve_starts_at_the_untrained_network_and_ends_at_the_saved_one(tmp_path):
     """--val-every N logs the validation PSNR at step 0, every N steps and at the end; the first point is
     the network before any step, the last is the one in last.pt."""

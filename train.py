@@ -110,6 +110,8 @@ def fit(args: argparse.Namespace) -> Path:
 
 
 def fit_on(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> Path:
+    """fit's body on this process's rank and device: build or resume the run, train it to its budget,
+    checkpoint each epoch; returns the result's checkpoint as fit does."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt, cfg, mcfg, split = run_settings(args)
@@ -162,7 +164,8 @@ def fit_on(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> Path
             print(UNSUPERVISED_WARNING)
         if ckpt is not None:
             drop_log_after(out / "log.jsonl", run["step"])  # the steps after last.pt are redone
-    log = open(out / "log.jsonl" if ranks.main else os.devnull, "a", buffering=1)  # line-buffered: each step lands
+    # line-buffered: each step lands; a new run starts its own log, not after a cut-short earlier one's steps
+    log = open(out / "log.jsonl" if ranks.main else os.devnull, "a" if ckpt is not None else "w", buffering=1)
     budget = Budget(cfg.max_minutes, sized=cfg.max_minutes > 0 and not args.epochs_given and ckpt is None)
     pbar = tqdm(total=run["total_steps"], initial=run["step"], dynamic_ncols=True, disable=not ranks.main)
     first = run["step"]
@@ -176,8 +179,9 @@ def fit_on(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> Path
         lr = get_lr(step, run["total_steps"], cfg)
         loss, terms = train_step(net, optimizer, batch, points, srf_dev, lr, weights, ranks, cfg.amp, fed)
         if not torch.isfinite(loss):
-            raise UsageError(f"{out}: the loss became {loss.item()} at step {step}; "
-                             f"{out / 'last.pt'} holds the last good state.")
+            kept = out / "last.pt"
+            raise UsageError(f"{out}: the loss became {loss.item()} at step {step}; " + (
+                f"{kept} holds the last good state." if kept.is_file() else "no checkpoint was saved yet."))
         if ema is not None:
             update_ema(ema, model, cfg.ema)
         step = run["step"] = step + 1
@@ -465,6 +469,7 @@ def add_model_flags(f: argparse.ArgumentParser) -> None:
 
 
 def fit_parser() -> argparse.ArgumentParser:
+    """fit's own parser, for fit_args (table and pretrain build fit's arguments with it)."""
     f = argparse.ArgumentParser(prog="train.py fit", description="train on a folder of scenes")
     add_arguments(f)
     return f
@@ -499,6 +504,8 @@ def demo() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python train.py fit | eval | predict | pretrain | table ...`; no command: the demo. Returns the exit
+    status: 0, or 2 after a usage error printed in one sentence."""
     argv = sys.argv[1:] if argv is None else argv
     keep_freed_cpu_memory()
     ap = argparse.ArgumentParser(description="Pixel-SSR: hyperspectral images from RGB and a few point spectra.")
