@@ -87,9 +87,10 @@ def _centred_dft(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     return torch.fft.fftshift(f(torch.fft.ifftshift(x, dim=-1), norm="ortho"), dim=-1)
 
 
-def _np_ssim_band(x: np.ndarray, y: np.ndarray) -> float:
-    """Wang et al.'s reference SSIM (ssim_index.m): 11x11 Gaussian, sigma 1.5, 'valid' filtering."""
-    g = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5**2))
+def _np_ssim_band(x: np.ndarray, y: np.ndarray, size: int = 11) -> float:
+    """Wang et al.'s reference SSIM (ssim_index.m): 11x11 Gaussian, sigma 1.5, 'valid' filtering; a smaller
+    image's window: the same Gaussian over `size` taps, centred."""
+    g = np.exp(-((np.arange(size) - (size - 1) / 2) ** 2) / (2 * 1.5**2))
     win = np.outer(g, g) / np.outer(g, g).sum()
     f = lambda a: scipy.signal.convolve2d(a, np.rot90(win, 2), mode="valid")  # noqa: E731
     c1, c2 = 0.01**2, 0.03**2

@@ -24,6 +24,7 @@ Glossary (code name = paper symbol):
 import math
 import os
 import re
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -201,7 +202,7 @@ def _read_mat(path: Path) -> tuple[np.ndarray, float | None]:
 def _read_npy(path: Path) -> tuple[np.ndarray, None]:
     try:
         a = np.load(path, allow_pickle=False)  # no pickles: a data file must not run code
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # BadZipFile: a broken .npz under this name
         raise UsageError(f"{path}: not a readable .npy file ({str(e).rstrip('.')})") from None
     if not isinstance(a, np.ndarray):  # an .npz archive saved under a .npy name
         raise UsageError(f"{path}: an .npz archive, not a single .npy array")
@@ -217,10 +218,11 @@ def _as_cube(a: np.ndarray, path: Path, scale: float | None = None) -> np.ndarra
     When both ends have 31, (H, W, 31) wins. Integers are divided by their type's maximum (uint16 by
     65535, as CAVE). Floats with maximum <= 1 are taken as they are; floats above 1 are taken to be
     integer counts saved as float (a common way .mat copies of CAVE store it) and divided by 255 or
-    65535, whichever is the first to hold the maximum, so that the scale is the same for every scene of
-    a set; beyond 65535 there is no bit depth to go by and the cube is divided by its own maximum.
+    65535, whichever is the first to hold the file's maximum (a bit depth, decided per file, not the
+    cube's own maximum); beyond 65535 there is no bit depth to go by and the cube is divided by its own
+    maximum.
     """
-    if a.ndim != 3 or BANDS not in (a.shape[0], a.shape[-1]):
+    if a.ndim != 3 or BANDS not in (a.shape[0], a.shape[-1]) or a.size == 0:
         raise UsageError(f"{path}: array of shape {a.shape} is not a (H, W, 31) cube")
     if a.shape[-1] != BANDS:
         a = np.moveaxis(a, 0, -1)
@@ -295,7 +297,7 @@ def read_points(path, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
             raise UsageError(f"{path}: line {n} has {len(values)} values where row, col and 31 spectrum values "
                              f"(400-700 nm) are expected")
         r, c, *spectrum = values
-        if r != int(r) or c != int(c) or not (0 <= r < h and 0 <= c < w):
+        if not (0 <= r < h and 0 <= c < w) or r != int(r) or c != int(c):  # range first: NaN and inf fail it
             raise UsageError(f"{path}: line {n} names pixel ({r:g}, {c:g}), not a pixel of the {h} x {w} image")
         if not all(0 <= v < math.inf for v in spectrum):
             raise UsageError(f"{path}: line {n} holds a negative or non-finite spectrum value")

@@ -35,8 +35,9 @@ import torch
 
 
 def _grunbaum(n: int) -> torch.Tensor:
-    """Grünbaum's S (n, n), float64, origin at index 0: circular second difference plus
-    diag(2·cos(2πj/n) - 4). It commutes with the unitary DFT."""
+    """Grünbaum's S (n, n), float64, origin at index 0: the circular shift sum plus diag(2·cos(2πj/n) - 4),
+    i.e. the circular second difference plus its DFT conjugate diag(2·cos(2πj/n) - 2). It commutes with
+    the unitary DFT."""
     eye = torch.eye(n, dtype=torch.float64)
     j = torch.arange(n, dtype=torch.float64)
     return eye.roll(1, 0) + eye.roll(-1, 0) + torch.diag(2 * torch.cos(2 * math.pi * j / n) - 4)

@@ -68,7 +68,7 @@ Assumptions (the abstract is silent):
       were trained on. The last window of a row or column ends flush with the image, overlapping the one
       before, so that every window is full-size where the image is. A4's embeddings do extend to a whole
       image, but attention over 64 times the tokens it was trained on does not: an S2-MAE pre-trained on
-      64 x 64 crops reconstructed a 512 x 512 scene from its RGB some 8 dB worse in one piece than window by
+      64 x 64 crops reconstructs a 512 x 512 scene from its RGB several dB worse in one piece than window by
       window (docs/results.md, "MAE-KTSR").
 """
 

@@ -198,8 +198,9 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, sigma: torch.Tensor) -> 
 class SpectralPrompt(nn.Module):
     """P_spe for one PromptSSM: the spectral self-attention map of Y3 (Sec. 3.2.1, end).
 
-    Y3 is projected to the block's width (1x1 conv to q and k) and brought to the block's
-    resolution by average pooling; the result is a (b, heads, d, d) channel-mixing matrix.
+    Y3 is average-pooled by `scale` (the block's downsampling times cfg.spe_pool: coarser than the
+    block, docs/design.md) and then projected to the block's width (1x1 conv to q and k); the result is
+    a (b, heads, d, d) channel-mixing matrix.
     """
 
     def __init__(self, bands: int, width: int, heads: int, scale: int):
@@ -445,9 +446,9 @@ class DyProMamba(nn.Module):
         if cfg.prior == "rootpoly":
             self.register_buffer("prior", torch.zeros(6, nb))  # set by train.py from the labelled pixels
             # Start at the prior with a zero gate on the body's output, not a zeroed last conv: Adam's
-            # first step moves every parameter by ~lr whatever its gradient, so from a zero conv it added
-            # ~lr times 9C features to each band (one step at lr 3e-4 doubled the error at the labelled
-            # pixels, and the CPU budget went to recovering it); from a zero gate it adds lr * body output.
+            # first step moves every parameter by ~lr whatever its gradient, so from a zero conv it adds
+            # ~lr times 9C features to each band, enough to double the error at the labelled pixels
+            # (docs/design.md); from a zero gate it adds lr * body output.
             self.gate = nn.Parameter(torch.zeros(nb, 1, 1))
         else:
             self.prior = self.gate = None
@@ -472,12 +473,12 @@ class DyProMamba(nn.Module):
         """Y^r from the last conv's (b, 31, h, w) output: with the root-polynomial prior, M(X) plus the output
         scaled by the per-band gate; then |.| unless cfg.output is the paper's "linear".
 
-        Why |.|: with a bare conv (the paper's form) trained networks flipped whole bands negative, and
-        the clamp at evaluation turned them black. L_SSIM over adjacent bands defends such a band: where
+        Why |.|: with a bare conv (the paper's form) trained networks flip whole bands negative, and
+        the clamp at evaluation turns them black. L_SSIM over adjacent bands defends such a band: where
         a band has texture, both of SSIM's factors change sign with it, so SSIM(x, -x) ~ SSIM(x, x).
-        Spectra are non-negative; softplus makes them so but saturates, and a measured run then parked
-        21 bands at exactly 0, where no gradient reaches. |.| is non-negative, its gradient is +-1
-        everywhere, and a band whose weights flip sign comes out unchanged."""
+        Spectra are non-negative; softplus makes them so but saturates, and a band parked at exactly 0
+        gets no gradient back (docs/design.md). |.| is non-negative, its gradient is +-1 everywhere, and
+        a band whose weights flip sign comes out unchanged."""
         if self.prior is not None:
             y = self.gate * y + torch.einsum("fn,bfhw->bnhw", self.prior, root_poly_features(rgb, dim=1))
         return y.abs() if self.cfg.output == "abs" else y

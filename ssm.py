@@ -142,7 +142,7 @@ def _scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     dts, us = (_steps(x.view(b, l, g, dg), K) for x in (delta, u))   # T × (b, K, g, d/g)
     Bs, Cs = _steps(B[..., None], K), _steps(C[..., None], K)    # T × (b, K, g, n, 1)
 
-    # The loops below update preallocated tensors in place: a fresh ~1 MB tensor per step would cost
+    # The loops below update preallocated tensors in place: a fresh state-sized tensor per step would cost
     # more than the arithmetic (the allocator hands such blocks back to the OS, and every reuse page-faults).
     # Δ·u too is taken a step at a time: as one tensor it would be another full-size (b, l, d) temporary
     # (passes (1) and (3) both form it: one small product per step more).

@@ -214,6 +214,18 @@ def test_a_cube_holding_nan_is_an_error_naming_the_file(tmp_path):
     assert "nan.npy" in msg and "NaN" in msg
 
 
+@pytest.mark.parametrize("content,words", [(b"PK\x03\x04 a cut-short archive", "not a readable .npy"),
+                                           (np.zeros((0, 5, 31), np.float32), "shape (0, 5, 31)")])
+def test_a_broken_or_empty_npy_is_an_error_naming_the_file(tmp_path, content, words):
+    path = tmp_path / "cube.npy"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        np.save(path, content)
+    msg = _load_error(path)
+    assert "cube.npy" in msg and words in msg
+
+
 def test_an_unsupported_extension_is_an_error_naming_the_file(tmp_path):
     (tmp_path / "cube.tif").write_bytes(b"II*\0")
     assert "cube.tif" in _load_error(tmp_path / "cube.tif")
@@ -243,7 +255,9 @@ def test_an_unreadable_photo_is_an_error_naming_it(tmp_path):
 @pytest.mark.parametrize("line,words", [("3,4," + ",".join(["0.5"] * 30), "line 2 has 32 values"),
                                         ("3,x," + ",".join(["0.5"] * 31), "line 2 holds something"),
                                         ("3,9," + ",".join(["0.5"] * 31), "pixel (3, 9)"),
-                                        ("3,4," + ",".join(["-0.5"] * 31), "negative")])
+                                        ("3,4," + ",".join(["-0.5"] * 31), "negative"),
+                                        ("nan,4," + ",".join(["0.5"] * 31), "pixel (nan, 4)"),
+                                        ("3,inf," + ",".join(["0.5"] * 31), "pixel (3, inf)")])
 def test_points_file_errors_name_the_file_and_line(tmp_path, line, words):
     (tmp_path / "pts.csv").write_text("row,col," + ",".join(f"nm{n}" for n in cameras.WAVELENGTHS) + "\n" + line + "\n")
     with pytest.raises(runs.UsageError) as e:

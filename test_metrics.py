@@ -47,6 +47,20 @@ def test_ssim_taken_a_block_of_bands_at_a_time_is_the_reference_ssim(bands_per_b
     assert got == pytest.approx(expected, rel=1e-9, abs=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@examples(10)
+@given(h=st.integers(3, 10), w=st.integers(3, 24), seed=st.integers(0, 10**6))
+def test_ssim_of_an_image_under_11_pixels_uses_the_largest_window_it_allows(dtype, h, w, seed):
+    """Under 11 pixels a side SSIM takes the Gaussian (sigma 1.5) over min(h, w) taps; float64 sums its
+    windows by slices, float32 by a convolution: both are the reference."""
+    rng = np.random.default_rng(seed)
+    target = rng.random((31, h, w))
+    pred = np.clip(target + 0.1 * rng.standard_normal((31, h, w)), 0, 1)
+    expected = np.mean([_np_ssim_band(a, b, min(h, w)) for a, b in zip(pred, target)])
+    got = metrics.ssim(torch.from_numpy(pred).to(dtype), torch.from_numpy(target).to(dtype)).item()
+    assert got == pytest.approx(expected, abs=1e-12 if dtype == torch.float64 else 1e-5)
+
+
 def test_every_metric_is_the_mean_of_its_per_image_values_over_a_batch():
     rng = np.random.default_rng(0)
     target = rng.random((2, 31, 12, 12))

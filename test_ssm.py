@@ -286,17 +286,19 @@ def test_scan_default_chunking_matches_the_loop(case):
 
 
 def test_scan_keeps_float32_under_bf16_autocast():
-    """Under CPU bfloat16 autocast the selective scan (y, last state, every gradient) gives exactly its
-    float32 result. Guards against its matrix products (which autocast casts) running in bfloat16, whose
-    8 significant bits lose the slow channels' decay (see runs.autocast)."""
+    """Under CPU bfloat16 autocast SS2D's projections hand the scan bfloat16 u, Δ, B, C and z; the scan
+    promotes them and gives exactly the float32 scan of those same values (y, last state, every gradient,
+    a bfloat16 input's rounded to bfloat16 as its cast back does). Guards against a scan run in bfloat16,
+    whose 8 significant bits lose the slow channels' decay (see runs.autocast)."""
     case = dict(seed=0, b=2, dg=3, g=2, grouped=True, n=4, l=37, chunk=8, dtype=torch.float32, softplus=True,
                 D=True, z=True, delta_bias=True)
-    inputs = _scan_inputs(case)
-    plain = _scan_with_grads(selective_scan, inputs, True, chunk_size=8)
+    activations = ("u", "delta", "B", "C", "z")
+    half = {k: v.to(torch.bfloat16) if k in activations else v for k, v in _scan_inputs(case).items()}
+    plain = _scan_with_grads(selective_scan, {k: v.float() for k, v in half.items()}, True, chunk_size=8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = _scan_with_grads(selective_scan, inputs, True, chunk_size=8)
-    assert torch.equal(mixed[0], plain[0]) and torch.equal(mixed[1], plain[1])
-    assert all(torch.equal(mixed[2][k], plain[2][k]) for k in plain[2])
+        mixed = _scan_with_grads(selective_scan, half, True, chunk_size=8)
+    assert mixed[0].dtype == torch.float32 and torch.equal(mixed[0], plain[0]) and torch.equal(mixed[1], plain[1])
+    assert all(torch.equal(mixed[2][k], plain[2][k].to(half[k].dtype)) for k in plain[2])
 
 
 @pytest.mark.parametrize("grad", [True, False])
