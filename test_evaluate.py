@@ -84,10 +84,14 @@ def test_eval_draws_a_different_point_cube_for_each_seed_and_the_same_for_the_sa
 
 
 def test_overall_spread_is_over_seeds_not_over_scenes():
-    # two scenes 10 dB apart, each moved by the seed: +-0.5 dB together (seed 0 low, seed 1 high)
-    by_scene = [[{"psnr": 29.5}, {"psnr": 30.5}], [{"psnr": 39.5}, {"psnr": 40.5}]]
-    overall = evaluate.summarise_over_seeds(by_scene)["psnr"]
+    """Per seed the mean over scenes, then the std over seeds: two scenes 10 dB apart that the seed moves by
+    0.5 dB together spread by 0.5; moved in opposite directions, their mean does not move at all (a mean
+    of each scene's own spread would say 0.5 both times)."""
+    together = [[{"psnr": 29.5}, {"psnr": 30.5}], [{"psnr": 39.5}, {"psnr": 40.5}]]
+    opposite = [[{"psnr": 29.5}, {"psnr": 30.5}], [{"psnr": 40.5}, {"psnr": 39.5}]]
+    overall = evaluate.summarise_over_seeds(together)["psnr"]
     assert overall["mean"] == pytest.approx(35.0) and overall["std"] == pytest.approx(0.5)
+    assert evaluate.summarise_over_seeds(opposite)["psnr"]["std"] == pytest.approx(0.0, abs=1e-12)
 
 
 @needs_data
@@ -199,7 +203,13 @@ def test_an_image_level_runs_baseline_is_fitted_on_its_own_training_scenes_whate
     elsewhere.mkdir()
     (elsewhere / "demo_02.npy").write_bytes((root / "demo_02.npy").read_bytes())
     moved = _eval(tmp_path / "run", tmp_path / "ev", "--data", str(elsewhere))
-    assert moved["root_poly_baseline"] == _eval(tmp_path / "run", tmp_path / "ev0")["root_poly_baseline"]
+    cubes = {n: np.load(root / f"{n}.npy").astype(np.float64) for n in ("demo_00", "demo_01", "demo_02")}
+    rgb = {n: (c @ cameras.srf_matrix("cie1964").T).reshape(-1, 3) for n, c in cubes.items()}
+    rp = evaluate.fit_root_poly(np.concatenate([rgb["demo_00"], rgb["demo_01"]]),
+                                np.concatenate([cubes["demo_00"].reshape(-1, 31), cubes["demo_01"].reshape(-1, 31)]))
+    base = np.clip(P.root_poly_features(rgb["demo_02"]) @ rp, 0, 1)
+    rmse = np.sqrt(np.mean((base - cubes["demo_02"].reshape(-1, 31)) ** 2))
+    assert moved["root_poly_baseline"]["rmse"]["mean"] == pytest.approx(rmse, rel=1e-5)
 
 
 def test_eval_reports_raw_band_means_and_warns_of_an_inverted_band(tmp_path, capsys):
@@ -258,20 +268,30 @@ def test_measured_points_fed_to_the_network_change_its_output_beyond_their_pixel
 
 
 def test_calib_points_never_score_a_measured_pixel_as_unmeasured():
-    """With a network whose output at a pixel depends on that pixel's input alone, feeding the measured
-    spectra changes the cube at the measured pixels only; so over the unmeasured pixels the fed cube scores
-    exactly what the plain one does in every pixelwise metric (SSIM, windowed, is of the whole image). A
-    measured pixel counted as unmeasured would make the two scores differ."""
-    hsi, measured = _scene_and_points()
-    torch.manual_seed(0)
-    model, srf = _PixelwiseModel(), torch.from_numpy(cameras.srf_matrix("cie1964"))
-    with torch.no_grad():
-        runs_ = [evaluate.eval_scene(model, hsi, srf, 1e-4, (2.0, 0.1), "gamma", s) for s in range(2)]
-        fed = [evaluate.eval_scene(model, hsi, srf, 1e-4, (2.0, 0.1), "gamma", s, measured=measured) for s in range(2)]
-    assert not torch.equal(runs_[0][0], fed[0][0])
-    scores = evaluate.calibration_scores(runs_, fed, hsi, srf, *measured)
-    pixelwise = lambda runs: [{k: m[k] for k in evaluate.PIXEL_METRICS} for m in runs]  # noqa: E731
-    assert pixelwise(scores["fed_unmeasured"]) == pixelwise(scores["uncorrected_unmeasured"])
+    """Every *_unmeasured score of eval --calib-points is its own cube's error over the other pixels alone:
+    the plain and fed cubes carry a wild value (9) at the measured pixels, which would show in any score
+    that counted them; each score's RMSE and MRAE are numpy's over the unmeasured pixels of the cube it
+    names (the plain or fed cube, corrected or not)."""
+    hsi, (coords, spectra) = _scene_and_points()
+    srf = torch.from_numpy(cameras.srf_matrix("cie1964"))
+    rgb = cameras.rgb_from_hsi(torch.from_numpy(hsi).permute(2, 0, 1)[None], srf)[0]
+    g = torch.Generator().manual_seed(0)
+    plain, fed = (torch.rand(31, *hsi.shape[:2], generator=g, dtype=torch.float64) for _ in range(2))
+    for cube in (plain, fed):
+        cube[:, coords[:, 0], coords[:, 1]] = 9.0
+    fixed = lambda c: evaluate.calibrate(c, rgb, srf, coords, spectra)  # noqa: E731
+    cubes = {"unmeasured": fixed(plain), "uncorrected_unmeasured": plain, "fed_unmeasured": fed,
+             "fed_calibrated_unmeasured": fixed(fed),
+             "local_unmeasured": evaluate.calibrate_locally(fixed(plain), rgb, srf, coords, spectra)}
+    scores = evaluate.calibration_scores([(plain,)], [(fed,)], hsi, srf, coords, spectra)
+    keep = np.ones(hsi.shape[:2], bool)
+    keep[coords[:, 0], coords[:, 1]] = False
+    truth = hsi[keep].astype(np.float64)                                   # (n, 31)
+    for name, cube in cubes.items():
+        p = np.clip(cube.permute(1, 2, 0).numpy()[keep], 0, 1)
+        assert scores[name][0]["rmse"] == pytest.approx(np.sqrt(np.mean((p - truth) ** 2)), rel=1e-12), name
+        assert scores[name][0]["mrae"] == pytest.approx(np.mean(np.abs(p - truth) / np.maximum(truth, 1e-3)),
+                                                        rel=1e-12), name
 
 
 @pytest.mark.parametrize("tile,overlap", [(24, 8), (16, 32), (7, 2)])  # 16: below the default overlap

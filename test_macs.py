@@ -123,14 +123,15 @@ def test_the_body_the_drpn_and_the_whole_cost_what_table_4_says(part, row):
     assert g == pytest.approx(paper[1], rel=0.15)
 
 
-@pytest.mark.parametrize("prompt", ["P_spa", "P_hf"])
-def test_the_spatial_prompts_are_as_light_as_in_table_4(prompt):
+@pytest.mark.parametrize("prompt,lo,hi", [("P_spa", 0.03, 0.06), ("P_hf", 0.01, 0.03)])
+def test_the_spatial_prompts_are_as_light_as_in_table_4(prompt, lo, hi):
     """Removing P_spa or P_hf leaves the paper's model at 0.61 M and takes 0.05 G or 0.02 G away (Table 4,
-    rounded to 0.01): each branch is under 0.01 M and 0.06 G (and over 0.01 G: a branch counted as nothing is
-    a part named wrong), although the FRFT and the scans of P_spa are far more arithmetic (the real count,
-    bench.py --only bodies) than its layers."""
+    rounded to 0.01): each branch is under 0.01 M and within its own row's G, give or take the rounding
+    (the bands do not overlap: a branch counted as nothing, or the two named the other way, fails), although
+    the FRFT and the scans of P_spa are far more arithmetic (the real count, bench.py --only bodies) than
+    its layers."""
     m, g = _dypro_costs()[prompt]
-    assert 0 < m < 0.01 and 0.01 < g < 0.06
+    assert 0 < m < 0.01 and lo < g < hi
 
 
 def test_the_spectral_prompt_with_its_y_path_costs_table_4s_p_spe_row():

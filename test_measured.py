@@ -190,14 +190,18 @@ def test_gradient_reaches_every_parameter_of_the_path(k):
 
 def test_path_keeps_float32_under_bf16_autocast():
     """bf16 training: the weights need 1 - cos of like spectra (~1e-4) well below bfloat16's resolution, so the
-    path computes in float32 whatever autocast says, and gives what it gives outside autocast."""
+    path computes in float32 whatever autocast says, and gives what it gives outside autocast. One fed
+    pixel, spectra a degree or two from it (weights between 0 and 1, which set each pixel's correction),
+    a gain that varies by band."""
     g = torch.Generator().manual_seed(0)
-    y = 0.3 + 0.01 * torch.rand(1, 31, 8, 8, generator=g)  # one material, slightly varied
-    pts = 1.1 * y
+    y = 0.3 + 0.02 * torch.rand(1, 31, 8, 8, generator=g)  # one material, varied by a degree or two
+    pts = y * torch.linspace(-0.3, 0.3, 31).exp()[None, :, None, None]
     fed = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
-    fed[0, 0, 1, 1] = fed[0, 0, 6, 6] = True
+    fed[0, 0, 1, 1] = True
     path = M.PointPath(31)
     want = path(y, pts, fed)
+    weight = (want / y).log()[0, 0] / math.log(pts[0, 0, 1, 1] / y[0, 0, 1, 1])  # (8, 8): each pixel's w
+    assert 0.5 < weight.min() and (weight < 0.99).float().mean() > 0.9  # all but the fed pixel's inside (0, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = path(y, pts, fed)
     torch.testing.assert_close(got, want, rtol=0, atol=0)

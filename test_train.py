@@ -257,8 +257,8 @@ def test_image_level_run_keeps_the_rule_not_the_spectra_and_every_pixel_supervis
 @needs_data
 def test_unsupervised_mode_trains_the_prior_and_eval_reports_the_smoothest_baseline(tmp_path, monkeypatch):
     """--label-ratio 0 on real crops: the loss has the smoothness prior (weight saved with the run), no label
-    reaches it, the network's spectra are non-negative, and eval reports the smoothest-spectrum answer beside
-    the network (there are no labels for a regression)."""
+    reaches it, and eval reports the smoothest-spectrum answer beside the network (there are no labels for
+    a regression)."""
     root, run = _real_crops(tmp_path), tmp_path / "run"
     terms = []
     monkeypatch.setattr(P, "pixel_ssr_loss", lambda *a, _real=P.pixel_ssr_loss: terms.append(_real(*a)[1]) or _real(*a))
@@ -267,7 +267,6 @@ def test_unsupervised_mode_trains_the_prior_and_eval_reports_the_smoothest_basel
     assert terms and all("smooth" in t and t["phsi"] == 0 for t in terms)
     report = _eval(run, tmp_path / "ev")
     assert "smoothest_baseline" in report and "root_poly_baseline" not in report
-    assert min(report["scenes"][REAL_TEST]["bands"]["band_raw_mean"]) >= 0
 
 
 @needs_data
@@ -399,7 +398,7 @@ def test_time_budget_schedule_ends_at_the_budget(monkeypatch):
 def test_measured_points_feed_a_random_part_of_the_patchs_labels_with_their_true_spectra(share):
     """--measured-points P: the point cube of a batch differs from the paper's (the same seeded Gamma draw)
     at labelled pixels only, there it holds the pixel's true spectrum (the loss's target), and it does so at
-    about a share P of them; the mask draw_batch returns beside the cube marks exactly those pixels. The fed
+    about a share P of them, drawn pixel by pixel; the mask draw_batch returns beside the cube marks exactly those pixels. The fed
     points are thus a subset of the run's fixed label set."""
     scenes = data.demo_scenes(n=2, size=64)
     ds = labels.PatchDataset([(cube, labels.draw_label_set(64, 64, 0.02, i)) for i, (_, cube) in enumerate(scenes)],
@@ -413,7 +412,12 @@ def test_measured_points_feed_a_random_part_of_the_patchs_labels_with_their_true
     assert not (fed & ~mask).any()
     torch.testing.assert_close(pts * fed, target * fed, rtol=0, atol=0)
     labelled = int(mask.sum())
-    assert labelled >= 16 and abs(fed.sum() / labelled - share) < 0.2
+    assert labelled >= 16 and abs(fed.sum() / labelled - share) < 0.1  # 4 binomial sigmas at these ~330 labels
+    # a coin per pixel, not per patch: a patch's labels are fed and unfed side by side, which the loss needs
+    per_patch, fed_per_patch = mask.flatten(1).sum(1), fed.flatten(1).sum(1)
+    several = per_patch >= 2
+    mixed = (fed_per_patch > 0) & (fed_per_patch < per_patch)
+    assert several.sum() >= 8 and mixed[several].float().mean() >= 0.5
 
 
 
@@ -482,7 +486,8 @@ def test_every_fit_flag_is_saved_in_the_checkpoint_and_eval_rebuilds_that_networ
     monkeypatch.setattr(evaluate, "build_model", lambda *a, _real=runs.build_model: built.append(_real(*a)) or built[-1])
     _eval(run, tmp_path / "ev")
     assert dataclasses.asdict(built[0].cfg) == ckpt["model_config"]
-    assert built[0].state_dict().keys() == ckpt["model"].keys()
+    state = built[0].state_dict()
+    assert state.keys() == ckpt["model"].keys() and all(torch.equal(v.cpu(), ckpt["model"][k]) for k, v in state.items())
 
 
 def test_resume_refuses_a_flag_that_contradicts_the_run_and_takes_a_new_time_budget(tmp_path, capsys):
