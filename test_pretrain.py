@@ -28,6 +28,15 @@ def _pretrain(root: Path, out: Path, *flags: str, epochs: int = 1, test: str = "
     return torch.load(out / "encoder.pt", weights_only=True)
 
 
+def test_a_new_pretraining_in_a_folder_with_a_cut_short_log_keeps_only_its_own_steps(tmp_path):
+    out = tmp_path / "pre"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    _pretrain(_demo_dir(tmp_path), out)
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > 1
+
+
 def test_points_pretraining_reads_no_spectrum_but_the_runs_labelled_pixels(tmp_path, monkeypatch):
     """Every spectrum pre-training is handed is one of the run's labelled spectra (those fit draws for the
     same seed and ratio), every other pixel of its batches is zero, and S2-MAE is told which are known."""
