@@ -95,10 +95,8 @@ def table(args: argparse.Namespace, fit: Callable, fit_args: Callable) -> dict:
                 report = run / "eval" / "metrics.json"
                 if not report.is_file():
                     print(f"\n== {args.name}: {label}{f', test scene {fold}' if fold else ''}, seed {seed}")
-                    fit_run(args, fit, fit_args, fit_args(args.fit_args, **shared, **test, **fit_settings, seed=seed,
-                                                          out=str(run)), settings.get("pretrain"))
-                    # the run's result, as fit returns it: best.pt where --val-scenes chose one, else last.pt
-                    chosen = run / "best.pt" if (run / "best.pt").is_file() else run / "last.pt"
+                    chosen = fit_run(args, fit, fit_args, fit_args(args.fit_args, **shared, **test, **fit_settings,
+                                                                   seed=seed, out=str(run)), settings.get("pretrain"))
                     evaluate.evaluate(chosen, run / "eval", seeds=args.eval_seeds, tile=args.tile, device=args.device)
                 ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
                 runs.append({"seed": seed, "fold": fold, "steps": ckpt["step"], "report": json.loads(report.read_text())})
@@ -123,17 +121,17 @@ def folds(args: argparse.Namespace, fit_args: Callable) -> list[str | None]:
 
 
 def fit_run(args: argparse.Namespace, fit: Callable, fit_args: Callable, run_args: argparse.Namespace,
-            source: str | None) -> None:
+            source: str | None) -> Path:
     """One row's fit into run_args.out: finished with its own settings if a cut-short one is there, else new,
-    after MAE-KTSR's pre-training on `source`'s data when the row asks for it."""
+    after MAE-KTSR's pre-training on `source`'s data when the row asks for it. Returns fit's result: best.pt
+    where --val-scenes chose one, else last.pt."""
     run = Path(run_args.out)
     if (run / "last.pt").is_file():  # cut short before its eval: finish it, keep what it did
         print("(resumed)")
-        fit(fit_args([], out=str(run), resume=True, max_minutes=args.max_minutes, device=args.device))
-        return
+        return fit(fit_args([], out=str(run), resume=True, max_minutes=args.max_minutes, device=args.device))
     if source:
         run_args.mae_ckpt = str(stage_one(run / "pretrain", run_args, source))
-    fit(run_args)
+    return fit(run_args)
 
 
 def stage_one(out: Path, fit_args: argparse.Namespace, source: str) -> Path:

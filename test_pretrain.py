@@ -198,6 +198,7 @@ def test_table_maektsr_pretrains_each_seed_of_its_s2mae_rows_on_that_rows_regime
         fits.append(args)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         torch.save({"step": 1}, Path(args.out) / "last.pt")
+        return Path(args.out) / "last.pt"
 
     def fake_pretrain(args):
         pres.append(args)
