@@ -41,6 +41,7 @@ from torch.profiler import ProfilerActivity, profile
 import backbones
 import cameras
 import evaluate
+import losses
 import maektsr
 import pixelssr as P
 import runs
@@ -363,7 +364,7 @@ def bench_model(device: torch.device, batch: int, repeat: int) -> None:
     pts_b = P.sample_points((batch, 31, 128, 128), 1e-4, 2.0, 0.1, device=device)
     for amp in ("none", "bf16") if device.type == "cuda" else ("none",):
         def step():
-            train.train_step(model, opt, train_batch, pts_b, srf.to(device), 2e-4, P.LOSS_WEIGHTS, amp=amp)
+            train.train_step(model, opt, train_batch, pts_b, srf.to(device), 2e-4, losses.LOSS_WEIGHTS, amp=amp)
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -26,6 +26,7 @@ import cameras
 import data
 import evaluate
 import labels
+import losses
 import pixelssr as P
 import runs
 import train
@@ -40,11 +41,11 @@ def test_fit_resumed_after_a_crash_mid_epoch_ends_with_the_same_weights(tmp_path
     root = _demo_dir(tmp_path)
     straight = _fit(root, tmp_path / "straight", *extra, epochs=3)
 
-    real_loss = _crash_on_call(monkeypatch, P, "pixel_ssr_loss", 6)  # 2 scenes x 4 patches / batch 2: in epoch two
+    real_loss = _crash_on_call(monkeypatch, losses, "pixel_ssr_loss", 6)  # 2 scenes x 4 patches / batch 2: in epoch two
     with pytest.raises(KeyboardInterrupt):
         _fit(root, tmp_path / "crashed", *extra, epochs=3)
     assert torch.load(tmp_path / "crashed" / "last.pt", weights_only=True)["step"] == 4  # end of epoch one
-    monkeypatch.setattr(P, "pixel_ssr_loss", real_loss)
+    monkeypatch.setattr(losses, "pixel_ssr_loss", real_loss)
     resumed = _fit(root, tmp_path / "crashed", *extra, "--resume", epochs=3)
     for key in ("model", "ema") if extra else ("model",):  # the weight average resumes exactly too
         assert all(torch.equal(straight[key][k], resumed[key][k]) for k in straight[key])
@@ -70,14 +71,14 @@ def test_a_checkpoint_write_that_fails_keeps_the_last_good_one_and_says_so_in_on
 
 def test_the_log_holds_every_finished_step_while_the_run_goes_on(tmp_path, monkeypatch):
     """log.jsonl is written line by line, so a run killed (or read) mid-way shows every step it took."""
-    root, out, seen, real_loss = _demo_dir(tmp_path), tmp_path / "run", [], P.pixel_ssr_loss
+    root, out, seen, real_loss = _demo_dir(tmp_path), tmp_path / "run", [], losses.pixel_ssr_loss
 
     def read_the_log(*a, **k):
         log = out / "log.jsonl"
         seen.append(len(log.read_text().splitlines()) if log.exists() else 0)
         return real_loss(*a, **k)
 
-    monkeypatch.setattr(P, "pixel_ssr_loss", read_the_log)
+    monkeypatch.setattr(losses, "pixel_ssr_loss", read_the_log)
     _fit(root, out, epochs=1)
     assert seen == list(range(len(seen))) and len(seen) > 1
 
@@ -182,14 +183,14 @@ def _coded_demo_dir(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
 
 
 def _loss_input_spy(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Records (rgb, target, mask) of every call of P.pixel_ssr_loss, passing the call through unchanged."""
-    calls, real_loss = [], P.pixel_ssr_loss
+    """Records (rgb, target, mask) of every call of losses.pixel_ssr_loss, passing the call through unchanged."""
+    calls, real_loss = [], losses.pixel_ssr_loss
 
     def spy(*a, **k):
         calls.append(tuple(t.detach().cpu().clone() for t in (a[1], a[4], a[5])))
         return real_loss(*a, **k)
 
-    monkeypatch.setattr(P, "pixel_ssr_loss", spy)
+    monkeypatch.setattr(losses, "pixel_ssr_loss", spy)
     return calls
 
 
@@ -261,9 +262,9 @@ def test_unsupervised_mode_trains_the_prior_and_eval_reports_the_smoothest_basel
     a regression)."""
     root, run = _real_crops(tmp_path), tmp_path / "run"
     terms = []
-    monkeypatch.setattr(P, "pixel_ssr_loss", lambda *a, _real=P.pixel_ssr_loss: terms.append(_real(*a)[1]) or _real(*a))
+    monkeypatch.setattr(losses, "pixel_ssr_loss", lambda *a, _real=losses.pixel_ssr_loss: terms.append(_real(*a)[1]) or _real(*a))
     ckpt = _fit(root, run, "--label-ratio", "0", test=REAL_TEST, patches=FEW_STEPS)
-    assert P.parse_weights(ckpt["train_config"]["loss_weights"])["smooth"] > 0
+    assert losses.parse_weights(ckpt["train_config"]["loss_weights"])["smooth"] > 0
     assert terms and all("smooth" in t and t["phsi"] == 0 for t in terms)
     report = _eval(run, tmp_path / "ev")
     assert "smoothest_baseline" in report and "root_poly_baseline" not in report
@@ -326,7 +327,7 @@ def test_the_slices_shares_add_up_to_the_whole_batchs_loss_terms_and_gradient():
     mask = torch.zeros(4, 1, 8, 8, dtype=torch.bool)
     mask[1, 0, 2, 3] = mask[2, 0, :2, :2] = mask[3, 0, 5, 1:4] = True
     target = torch.rand(4, 31, 8, 8, generator=torch.Generator().manual_seed(1)) * mask
-    batch, srf, w = (rgb, target, mask), torch.from_numpy(cameras.srf_matrix()), P.LOSS_WEIGHTS
+    batch, srf, w = (rgb, target, mask), torch.from_numpy(cameras.srf_matrix()), losses.LOSS_WEIGHTS
     parts = [runs.Ranks(r, 3).part(4) for r in range(3)]
     assert parts == [slice(0, 1), slice(1, 2), slice(2, 4)]
 
@@ -351,17 +352,17 @@ def test_bf16_training_step_runs_the_network_in_bf16_and_the_losses_and_weights_
     mask = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
     mask[:, 0, 3, 4] = True
     batch = (rgb, torch.rand(2, 31, 8, 8) * mask, mask)
-    seen, real_loss = {}, P.pixel_ssr_loss
+    seen, real_loss = {}, losses.pixel_ssr_loss
     m.body.out.register_forward_hook(lambda mod, inp, out: seen.__setitem__("conv", out.dtype))
 
     def loss_spy(model, rgb, hsi, y3, *a, **k):
         seen["loss"] = (hsi.dtype, y3.dtype, torch.is_autocast_enabled("cpu"))
         return real_loss(model, rgb, hsi, y3, *a, **k)
 
-    monkeypatch.setattr(P, "pixel_ssr_loss", loss_spy)
+    monkeypatch.setattr(losses, "pixel_ssr_loss", loss_spy)
     before = copy.deepcopy(m.state_dict())
     loss, _ = train.train_step(m, torch.optim.Adam(m.parameters()), batch, pts, torch.from_numpy(cameras.srf_matrix()),
-                               1e-3, P.LOSS_WEIGHTS, amp="bf16")
+                               1e-3, losses.LOSS_WEIGHTS, amp="bf16")
     assert torch.isfinite(loss) and seen["conv"] == torch.bfloat16
     assert seen["loss"] == (torch.float32, torch.float32, False)
     assert all(v.dtype == torch.float32 for v in m.state_dict().values())
@@ -480,7 +481,7 @@ def test_every_fit_flag_is_saved_in_the_checkpoint_and_eval_rebuilds_that_networ
     assert {k: ckpt["model_config"][k] for k in fields} == fields
     assert ckpt["train_config"]["measured_points"] == (0.5 if "--measured-points" in argv else 0)
     assert ckpt["train_config"]["pair_patches"] == ("--measured-points" in argv)
-    weights = P.parse_weights(ckpt["train_config"]["loss_weights"])
+    weights = losses.parse_weights(ckpt["train_config"]["loss_weights"])
     assert weights["ssim"] == (0 if "ssim=0" in argv else 0.3) and weights["p2i"] == (0 if "--no-drpn" in argv else 0.3)
     built = []
     monkeypatch.setattr(evaluate, "build_model", lambda *a, _real=runs.build_model: built.append(_real(*a)) or built[-1])

@@ -48,6 +48,7 @@ import backbones
 import cameras
 import data
 import evaluate
+import losses
 import maektsr
 import pixelssr as P
 import predict
@@ -151,7 +152,7 @@ def fit_on(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> Path
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None  # the weights validated and saved for eval
     if ema is not None and ckpt is not None:
         load_weights(ema, ckpt, "ema", out / "last.pt")
-    srf_dev, weights = srf.to(device), P.parse_weights(cfg.loss_weights)
+    srf_dev, weights = srf.to(device), losses.parse_weights(cfg.loss_weights)
     net = model if ranks.world == 1 else DistributedDataParallel(model, [device] if device.type == "cuda" else None)
     judged = model if ema is None else ema  # the network validation scores and eval will build
 
@@ -255,7 +256,7 @@ def slice_loss(model, batch, points, srf, weights: dict, part: slice, amp: str =
     with autocast(amp, rgb.device):
         hsi, y3 = model(rgb[part], points[part], None if fed is None else fed[part])
     # The losses outside autocast, on float32 outputs (see autocast).
-    _, terms = P.pixel_ssr_loss(unwrap(model), rgb[part], hsi.float(), y3.float(), target[part], mask[part],
+    _, terms = losses.pixel_ssr_loss(unwrap(model), rgb[part], hsi.float(), y3.float(), target[part], mask[part],
                                 srf, weights)
     return {k: v * shares[k] for k, v in terms.items()}
 
@@ -307,7 +308,7 @@ MODEL_FLAGS = ("use_spa", "use_hf", "use_spe", "use_prompt_ssm", "use_drpn", "sp
 # which belong to the session (the time budget, the device), not to the run
 RESUME_MAY_CHANGE = {"max_minutes", "device", "resume", "out"}
 
-# weight of the physical prior (smooth, non-negative spectra; pixelssr.pixel_ssr_loss) in the unsupervised mode
+# weight of the physical prior (smooth, non-negative spectra; losses.pixel_ssr_loss) in the unsupervised mode
 UNSUPERVISED_PRIOR = 1.0
 
 # said when such a run starts (what was measured of the mode: docs/results.md, "The three supervision modes")
@@ -323,7 +324,7 @@ def run_configs(args) -> tuple[TrainConfig, P.Config]:
     --loss-weights says otherwise); at label ratio 1 (image-level supervision) the network gets no point
     cube unless --points is given, as the paper's supervised baselines."""
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    weights = P.parse_weights(cfg.loss_weights)  # a typo stops the run here, not after the data is read
+    weights = losses.parse_weights(cfg.loss_weights)  # a typo stops the run here, not after the data is read
     if cfg.exposure < 1 or cfg.warmup < 0 or cfg.val_every < 0 or not 0 <= cfg.ema < 1:
         raise ValueError(f"--exposure must be >= 1 (got {cfg.exposure}), --warmup and --val-every >= 0 "
                          f"(got {cfg.warmup}, {cfg.val_every}), --ema in [0, 1) (got {cfg.ema}).")
@@ -346,7 +347,7 @@ def run_configs(args) -> tuple[TrainConfig, P.Config]:
         cfg = dataclasses.replace(cfg, pair_patches=True)
     if cfg.label_ratio >= 1 and "points" not in args.given:
         cfg = dataclasses.replace(cfg, points="zeros")
-    cfg = dataclasses.replace(cfg, loss_weights=P.format_weights(weights))
+    cfg = dataclasses.replace(cfg, loss_weights=losses.format_weights(weights))
     return cfg, P.Config(points=cfg.points, h2r=weights["p2i"] > 0, mae_window=cfg.patch,
                          **{k: getattr(args, k) for k in MODEL_FLAGS})
 
@@ -378,10 +379,10 @@ def flag_name(dest: str) -> str:
 def check_resume(args, ckpt: dict) -> None:
     """Raise, in one sentence, if a flag given with --resume contradicts the checkpoint's run."""
     cfg, mcfg = run_configs(args)
-    now = {**dataclasses.asdict(cfg), **dataclasses.asdict(mcfg), "loss_weights": P.parse_weights(cfg.loss_weights)}
+    now = {**dataclasses.asdict(cfg), **dataclasses.asdict(mcfg), "loss_weights": losses.parse_weights(cfg.loss_weights)}
     was = {**dataclasses.asdict(TrainConfig()), **dataclasses.asdict(P.Config()),  # a field added since: its default
            **ckpt["train_config"], **ckpt["model_config"],
-           "loss_weights": P.parse_weights(ckpt["train_config"]["loss_weights"])}
+           "loss_weights": losses.parse_weights(ckpt["train_config"]["loss_weights"])}
     for role in ("test", "val"):  # scene lists compare as sets of names
         now[f"{role}_scenes"] = sorted(data.scene_name(n) for n in getattr(args, f"{role}_scenes") or [])
         was[f"{role}_scenes"] = sorted(ckpt["split"][role])
