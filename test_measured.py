@@ -1,7 +1,8 @@
 """measured.py: the point path spreads fed spectra as its formula says (against a loop over pixels and
 points), reaches a lone fed pixel exactly, moves the pixels of a fed material and not others, and leaves
 the network untouched where nothing is fed; fit --point-path trains it, eval reads it across tiles, and
-predict feeds it a points file."""
+predict feeds it a points file. fit --measured-points feeds a random part of each patch's labels, and cuts
+patches around pairs of labels."""
 
 import dataclasses
 import math
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 import cameras
 import data
 import evaluate
+import labels
 import measured as M
 import predict
 import train
@@ -222,3 +224,39 @@ def test_in_training_every_parameter_of_the_path_gets_a_gradient_even_with_nothi
     torch.testing.assert_close(out, y, rtol=0, atol=0)
     out.sum().backward()
     assert all(p.grad is not None and not p.grad.any() for p in path.parameters())
+
+
+@pytest.mark.parametrize("share", [0.25, 0.75])
+def test_measured_points_feed_a_random_part_of_the_patchs_labels_with_their_true_spectra(share):
+    """--measured-points P: the point cube of a batch differs from the paper's (the same seeded Gamma draw)
+    at labelled pixels only, there it holds the pixel's true spectrum (the loss's target), and it does so at
+    about a share P of them, drawn pixel by pixel; the mask draw_batch returns beside the cube marks exactly those pixels. The fed
+    points are thus a subset of the run's fixed label set."""
+    scenes = data.demo_scenes(n=2, size=64)
+    ds = labels.PatchDataset([(cube, labels.draw_label_set(64, 64, 0.02, i)) for i, (_, cube) in enumerate(scenes)],
+                             cameras.srf_matrix("cie1964"), patch=32, stride=16)
+    cfg = train.TrainConfig(batch_size=16, patch=32, label_ratio=0.02, measured_points=share)
+    (_, target, mask), pts, told = train.draw_batch(ds, 0, 0, cfg, (2.0, 0.1), "gamma", torch.device("cpu"))
+    _, paper, none = train.draw_batch(ds, 0, 0, dataclasses.replace(cfg, measured_points=0.0), (2.0, 0.1), "gamma",
+                                      torch.device("cpu"))
+    fed = (pts != paper).any(1, keepdim=True)  # (b, 1, h, w)
+    assert none is None and torch.equal(told, fed)  # the network (--point-path) is told which pixels were fed
+    assert not (fed & ~mask).any()
+    torch.testing.assert_close(pts * fed, target * fed, rtol=0, atol=0)
+    labelled = int(mask.sum())
+    assert labelled >= 16 and abs(fed.sum() / labelled - share) < 0.1  # 4 binomial sigmas at these ~330 labels
+    # a coin per pixel, not per patch: a patch's labels are fed and unfed side by side, which the loss needs
+    per_patch, fed_per_patch = mask.flatten(1).sum(1), fed.flatten(1).sum(1)
+    several = per_patch >= 2
+    mixed = (fed_per_patch > 0) & (fed_per_patch < per_patch)
+    assert several.sum() >= 8 and mixed[several].float().mean() >= 0.5
+
+
+
+@pytest.mark.parametrize("argv,pairs", [([], False), (["--pair-patches"], True), (["--measured-points", "0.5"], True),
+                                        (["--measured-points", "0.5", "--no-pair-patches"], False)])
+def test_measured_points_cut_pair_patches_unless_told_not_to(argv, pairs):
+    """--measured-points needs an unfed label beside a fed one, so it turns --pair-patches on; an explicit
+    --no-pair-patches keeps the patches cut around one label, and without either the paper's patches stay."""
+    cfg, _ = train.run_configs(train.fit_args(["--label-ratio", "0.01", *argv]))
+    assert cfg.pair_patches == pairs
