@@ -9,7 +9,8 @@ The evaluation protocol (paper Sec. 4.1 and supplementary Sec. 6; docs/design.md
   - per band: the RMSE and the raw (unclamped) mean, so that a dead or inverted band shows;
   - beside the network, the classical answer from the same labels: the root-polynomial regression
     (Finlayson et al. 2015) fitted on the run's labelled pixels, or without labels the smoothest
-    non-negative spectrum consistent with the RGB;
+    non-negative spectrum consistent with the RGB; for a run with --prior-library, also the map fitted on
+    the labels and that library (the prior the network starts from);
   - --calib-points K (beyond the paper): K of each scene's own true spectra used as `predict --points`
     uses a spectrometer's: fed into the network's point cube, correcting its cube, or both; scored over
     the unmeasured pixels;
@@ -186,6 +187,28 @@ def labels_root_poly(labels: dict) -> tuple[np.ndarray | None, int]:
     rgb = torch.cat([v["rgb"] for v in labels.values()]).numpy()
     spectra = torch.cat([v["spectra"] for v in labels.values()]).numpy()
     return (fit_root_poly(rgb, spectra) if len(rgb) >= 6 else None), len(rgb)
+
+# what fit --prior-library adds to the labelled pixels that --prior rootpoly's map is fitted on (beyond the paper)
+PRIOR_LIBRARIES = ("none", "colorchecker")
+
+def with_library(labels: dict, library: str, srf: torch.Tensor) -> dict:
+    """A run's expanded label sets plus, under the key "library", a measured reflectance library's spectra
+    (n, 31) and their RGB S.y (n, 3), each spectrum one labelled pixel's worth in the fit: the labels of a few
+    scenes lack the materials of another, a library of real reflectances holds some (docs/design.md, "A
+    reflectance library in the prior"). library "none": the labels as they are."""
+    if library == "none":
+        return labels
+    spectra = torch.from_numpy(np.ascontiguousarray(cameras.COLORCHECKER.T, dtype=np.float32))  # (24, 31)
+    return {**labels, "library": {"rgb": spectra @ srf.float().T, "spectra": spectra}}
+
+def prior_map(labels: dict, library: str, srf: torch.Tensor) -> np.ndarray:
+    """The (6, 31) map M of fit --prior rootpoly, fitted on a run's expanded label sets and the library (the
+    training starts from it: the network's output is |M(X)| at a zero gate), as float32 for the model's buffer."""
+    rp, n = labels_root_poly(with_library(labels, library, srf))
+    if rp is None:
+        raise UsageError(f"--prior rootpoly needs at least 6 labelled pixels to fit its 6 terms, the run has {n} "
+                         f"(--prior-library colorchecker adds 24 measured spectra).")
+    return rp.astype(np.float32)
 
 
 # -----------------------------------------------------------------------------
@@ -398,22 +421,27 @@ def evaluate(ckpt_path: str | Path, out: str | Path, root: str | None = None, sc
     # folder the run trained on, which --data (the scenes to evaluate) need not be
     every_pixel = [n for n, v in ckpt["labels"].items() if "every_pixel" in v]
     trained_on = data.load_scenes(ckpt["data"], every_pixel)
-    rp, n_labels = labels_root_poly(expand_label_sets(ckpt["labels"], trained_on, srf))
+    labels = expand_label_sets(ckpt["labels"], trained_on, srf)
+    rp, n_labels = labels_root_poly(labels)
     # the classical answer beside the network: with labels, that regression; without any (the unsupervised mode),
-    # the smoothest non-negative spectrum consistent with the RGB, which needs none
+    # the smoothest non-negative spectrum consistent with the RGB, which needs none; 1 to 5 labelled pixels are
+    # too few for the regression's 6 terms. A run whose prior also saw a library: that map too, its start.
+    baselines = {}
     if rp is not None:
-        base_key, base_name = "root_poly_baseline", "root-polynomial baseline"
-        baseline = lambda x: P.root_poly_features(x) @ rp  # noqa: E731
+        baselines["root_poly_baseline"] = ("root-polynomial baseline", lambda x: P.root_poly_features(x) @ rp)
     elif n_labels == 0:
-        base_key, base_name = "smoothest_baseline", "smoothest non-negative spectrum (no labels)"
-        baseline = lambda x: smoothest_spectra(x, srf.numpy())  # noqa: E731
-    else:
-        baseline = None  # 1 to 5 labelled pixels: too few for the regression's 6 terms
+        baselines["smoothest_baseline"] = ("smoothest non-negative spectrum (no labels)",
+                                           lambda x: smoothest_spectra(x, srf.numpy()))
+    library = run.get("prior_library", "none")  # a run from before --prior-library has none
+    if library != "none":
+        lp = prior_map(labels, library, srf).astype(np.float64)  # the network's start, as the buffer holds it
+        baselines["root_poly_library_baseline"] = (f"root-polynomial on the labels and the {library} (the prior)",
+                                                   lambda x: P.root_poly_features(x) @ lp)
     out = Path(out)
     report = {"checkpoint": str(ckpt_path), "label_ratio": run["label_ratio"],
               "labelled_pixels": n_labels, "seeds": list(range(seeds)), **REPORT_CONVENTIONS,
               "provenance": provenance(next(model.parameters()).device), "scenes": {}}
-    by_scene, baseline_all, calibrated = [], [], []
+    by_scene, calibrated, baseline_all = [], [], {k: [] for k in baselines}
     for name, hsi in data.load_scenes(root, names).items():
         runs = [eval_scene(model, hsi, srf, run["label_ratio"], gamma, points, s, tile) for s in range(seeds)]
         target = as_float64(torch.from_numpy(hsi).permute(2, 0, 1))  # (31, H, W); after the network's peak
@@ -425,11 +453,11 @@ def evaluate(ckpt_path: str | Path, out: str | Path, root: str | None = None, sc
         entry["bands"]["true_mean"] = target.mean((1, 2)).tolist()
         for line in band_warnings(name, entry["bands"]):
             print(line)
-        if baseline is not None:
+        for base_key, (_, baseline) in baselines.items():
             rgb = cameras.rgb_from_hsi(hsi, srf.numpy()).reshape(-1, 3)
             base = torch.from_numpy(baseline(rgb).reshape(hsi.shape)).permute(2, 0, 1).float()
             entry[base_key] = metrics(base.clamp(0, 1), target)
-            baseline_all.append(entry[base_key])
+            baseline_all[base_key].append(entry[base_key])
             entry[base_key]["bands"] = band_stats(base, target)
         if calib_points:
             measured = calibration_points(hsi, calib_points, scene_seed(run["seed"], f"{name} calib"))
@@ -455,14 +483,14 @@ def evaluate(ckpt_path: str | Path, out: str | Path, root: str | None = None, sc
         per_scene = [e["point_dependence"] for e in report["scenes"].values()]
         report["point_dependence"] = {k: {q: float(np.mean([d[k][q] for d in per_scene])) for q in v}
                                       for k, v in per_scene[0].items()}
-    if baseline_all:
-        report[base_key] = summarise([{k: v for k, v in b.items() if k != "bands"} for b in baseline_all])
+    for base_key, values in baseline_all.items():
+        report[base_key] = summarise([{k: v for k, v in b.items() if k != "bands"} for b in values])
     with open(out / "metrics.json", "w") as f:
         json.dump(report, f, indent=2)
     print("overall: " + ", ".join(f"{k} {v['mean']:.4f}±{v['std']:.4f}" for k, v in report["overall"].items()))
     if calibrated:
         print(f"overall, corrected with {calib_points} true spectra: {calibration_line(report['calibration'])}")
-    if baseline_all:
+    for base_key, (base_name, _) in baselines.items():
         print(f"{base_name}: " + ", ".join(f"{k} {v['mean']:.4f}" for k, v in report[base_key].items()))
     print(f"wrote {out / 'metrics.json'}")
     return report

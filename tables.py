@@ -11,7 +11,8 @@
   maektsr    MAE-KTSR (its abstract's claim): Pixel-SSR, the stage-2 CNN alone, with a random encoder, with
              S2-MAE pre-trained and ISFF, at 0.01 % labels (pre-trained on the labelled points) and at
              image level (on the training cubes); --max-minutes is each stage's budget
-  recipe     the CPU recipe (beyond the paper: --prior rootpoly --exposure 2 --warmup 10) and the paper's network
+  recipe     the CPU recipe (beyond the paper: --prior rootpoly --exposure 2 --warmup 10), the same with the
+             ColorChecker's spectra in the prior's fit (--prior-library colorchecker), and the paper's network
 
 --folds runs every row once per scene of --data with that scene as the only test scene and the others
 training (leave-one-scene-out; --val-scenes are never a fold), so that no scene that chose a setting is
@@ -63,12 +64,15 @@ TABLES = {
                                   ("random encoder + ISFF", {"backbone": "maektsr", "mae_init": "random"}),
                                   (f"S2-MAE ({source}) + ISFF", {"backbone": "maektsr", "pretrain": source}))],
     "recipe": [("CPU recipe (prior, exposure, warm-up)", {"prior": "rootpoly", "exposure": 2.0, "warmup": 10}),
+               ("CPU recipe, ColorChecker in the prior", {"prior": "rootpoly", "exposure": 2.0, "warmup": 10,
+                                                          "prior_library": "colorchecker"}),
                ("the paper's network (defaults)", {})],
 }
 TABLE_METRICS = ("psnr", "ssim", "sam", "mrae", "rmse")
 
 BASELINES = {"root_poly_baseline": "root-polynomial regression on the run's labels",
-             "smoothest_baseline": "smoothest non-negative spectrum (no labels)"}
+             "smoothest_baseline": "smoothest non-negative spectrum (no labels)",
+             "root_poly_library_baseline": "root-polynomial regression on the labels and the ColorChecker"}
 
 
 def row_dir(label: str) -> str:
@@ -185,7 +189,7 @@ def fold_lines(rows: list[dict], cell: Callable) -> list[str]:
              + f" | {first} |", "|" + "---|" * (len(rows) + 2)]
     for scene in scenes:
         runs = [[r["report"] for r in row["runs"] if r["fold"] == scene] for row in rows]
-        base = [r[k]["psnr"]["mean"] for r in runs[0] for k in BASELINES if k in r]
+        base = [r[next(k for k in BASELINES if k in r)]["psnr"]["mean"] for r in runs[0] if BASELINES.keys() & r.keys()]
         lines.append(f"| {scene} | " + " | ".join(cell([r["overall"]["psnr"]["mean"] for r in reports]) for reports in runs)
                      + f" | {cell(base) if base else '-'} |")
     return lines

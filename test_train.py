@@ -424,6 +424,28 @@ def test_rootpoly_prior_starts_at_the_baseline_fitted_on_the_runs_labels(tmp_pat
     torch.testing.assert_close(out[0].permute(1, 2, 0).reshape(-1, 31), base.float().abs(), rtol=1e-3, atol=1e-4)
 
 
+def test_prior_library_fits_the_prior_on_labels_and_colorchecker_and_eval_scores_that_map(tmp_path):
+    """--prior-library colorchecker: the prior's map is the least-squares fit of the run's labels and the
+    24 ColorChecker spectra (each with its RGB S.y), here numpy's lstsq on those 26 rows and the
+    ridge's (2 labels: too few alone); eval scores that map beside the labels' regression, as numpy does."""
+    root, run = _demo_dir(tmp_path), tmp_path / "run"
+    _fit(root, run, "--label-ratio", "0.0001", "--prior", "rootpoly", "--prior-library", "colorchecker")
+    ckpt = runs.load_checkpoint(str(run / "last.pt"))
+    s = cameras.srf_matrix("cie1964").astype(np.float64)
+    spectra = np.concatenate([*(v["spectra"].double().numpy() for v in ckpt["labels"].values()), cameras.COLORCHECKER.T])
+    rgb = np.concatenate([*(v["rgb"].double().numpy() for v in ckpt["labels"].values()), cameras.COLORCHECKER.T @ s.T])
+    assert len(spectra) == 26
+    feats = P.root_poly_features(rgb)  # the ridge of evaluate.fit_root_poly, as the rows sqrt(ridge) I and 0
+    m = np.linalg.lstsq(np.vstack([feats, 1e-3 * np.eye(6)]), np.vstack([spectra, np.zeros((6, 31))]), rcond=None)[0]
+    np.testing.assert_allclose(feats @ ckpt["model"]["prior"].double().numpy(), feats @ m, atol=1e-4)
+    report = _eval(run, tmp_path / "eval")
+    truth = data.load_scenes(root, ["demo_02"])["demo_02"].astype(np.float64)
+    pred = np.clip(P.root_poly_features(truth @ s.T) @ m, 0, 1)
+    expected = 10 * np.log10(1 / np.mean((pred - truth) ** 2))
+    assert report["root_poly_library_baseline"]["psnr"]["mean"] == pytest.approx(expected, abs=1e-3)
+    assert "root_poly_baseline" not in report  # 2 labels: too few for the labels' own regression
+
+
 # one fit per flag set: the switches of Tables 3-6 reach the checkpoint, and eval rebuilds that network
 _FLAG_SETS = {
     "no_spa_no_prompt_ssm_gaussian": (["--no-spa", "--no-prompt-ssm", "--points", "gaussian"],
@@ -499,6 +521,8 @@ def test_every_backbone_fits_two_steps_and_evaluates_on_a_real_crop(backbone, tm
     (["fit", "--out", "{tmp}/r", "--exposure", "0.5"], "--exposure"),
     (["fit", "--out", "{tmp}/r", "--measured-points", "1"], "--measured-points"),
     (["fit", "--out", "{tmp}/r", "--label-ratio", "1", "--measured-points", "0.5"], "--measured-points"),
+    (["fit", "--out", "{tmp}/r", "--prior-library", "colorchecker", "--epochs", "1"], "--prior rootpoly"),
+    (["fit", "--out", "{tmp}/r", "--prior", "rootpoly", "--label-ratio", "0.0001"], "--prior-library"),
 ])
 def test_bad_input_is_one_sentence_naming_the_file_or_flag_and_no_traceback(tmp_path, capsys, argv, words):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")

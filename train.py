@@ -25,7 +25,7 @@ generator seeded by (run seed, epoch, step), so a checkpoint needs no RNG state 
 
 Glossary: omega = --label-ratio; Y^p = the labelled spectra (target, at mask); X = rgb = S.Y with S the
 spectral response (--srf); Y^r = the network's HSI; alpha, theta = the Gamma's shape and scale; M = the
-root-polynomial map of the classical baseline and of the opt-in --prior rootpoly.
+root-polynomial map of the classical baseline and of the opt-in --prior rootpoly (evaluate.prior_map).
 """
 
 import argparse
@@ -88,6 +88,7 @@ class TrainConfig:
     # beyond the paper: each labelled pixel of a patch enters its point cube with its true spectrum with this
     # probability, so that the network learns to use a spectrometer's points (eval --calib-points, predict --points)
     measured_points: float = 0.0
+    prior_library: str = "none"     # --prior rootpoly's map also fitted on a reflectance library (beyond the paper)
 
 def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
     """Polynomial decay from cfg.lr to zero with power cfg.lr_power (paper Sec. 4.1), after a linear
@@ -137,7 +138,7 @@ def fit_on(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> Path
     # own layout, where SS2D's permute to (b, h, w, c) costs no copy (docs/performance.md, "Channels-last").
     model = backbones.network(mcfg).to(device, memory_format=torch.channels_last)
     if model.prior is not None and ckpt is None:
-        model.prior.copy_(torch.from_numpy(root_poly_prior(labels)))
+        model.prior.copy_(torch.from_numpy(evaluate.prior_map(labels, cfg.prior_library, srf)))
     if cfg.mae_ckpt and ckpt is None:  # MAE-KTSR's stage 2: the pre-trained encoder, checked (pretrain.py)
         pretrain.attach_encoder(model.body, cfg.mae_ckpt, split, cfg.srf, labels, cfg.label_ratio, cfg.patch)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8)
@@ -336,6 +337,8 @@ def run_configs(args) -> tuple[TrainConfig, P.Config]:
                          f"scored (got {cfg.measured_points}).")
     if args.point_path and not cfg.measured_points and not args.resume:  # a resumed run keeps its own
         raise ValueError("--point-path learns from the labels fed beside the scored ones: it needs --measured-points.")
+    if cfg.prior_library != "none" and args.prior != "rootpoly":
+        raise ValueError("--prior-library is what --prior rootpoly's map is fitted on: it needs --prior rootpoly.")
     if not args.use_drpn and weights["p2i"]:
         if "loss_weights" in args.given:
             raise ValueError("--no-drpn leaves no Y3 for L_P2I to constrain: give it weight 0 (p2i=0).")
@@ -405,14 +408,6 @@ def run_settings(args) -> tuple[dict | None, TrainConfig, P.Config, dict[str, li
     cfg = dataclasses.replace(TrainConfig(**ckpt["train_config"]), max_minutes=args.max_minutes)
     return ckpt, cfg, P.Config(**ckpt["model_config"]), ckpt["split"]
 
-def root_poly_prior(labels: dict) -> np.ndarray:
-    """The (6, 31) map of --prior rootpoly, as float32 for the model's buffer."""
-    rp, n = evaluate.labels_root_poly(labels)
-    if rp is None:
-        raise UsageError(f"--prior rootpoly needs at least 6 labelled pixels to fit its 6 terms, the run has {n}.")
-    return rp.astype(np.float32)
-
-
 # -----------------------------------------------------------------------------
 # the command line
 
@@ -444,6 +439,8 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
                    help="output layer: abs (non-negative, default) or linear (the paper's bare conv)")
     f.add_argument("--prior", default=P.Config.prior, choices=["none", "rootpoly"],
                    help="rootpoly: learn a correction to the root-polynomial map of the labels (beyond the paper)")
+    f.add_argument("--prior-library", default=d.prior_library, choices=evaluate.PRIOR_LIBRARIES,
+                   help="with --prior rootpoly: fit its map on the labels and these measured reflectances")
     add_model_flags(f)
     f.add_argument("--amp", default=d.amp, choices=["none", "bf16"],
                    help="bf16: the forward under bfloat16 autocast (GPUs), scan, FRFT and losses in float32")
