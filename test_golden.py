@@ -11,7 +11,8 @@ prints the new values).
 
 Everything runs in this process on one thread. Another CPU may order a sum's terms differently and so
 change the last bits (2 threads instead of 1 move these numbers by about 1e-8 of their rms); RTOL is a
-thousand times that, and a change to what the code computes moves them by far more.
+thousand times that, and a change to what the code computes moves them by far more; except in the demo's
+trained weights and metrics, which amplify such bits (ATOL_X_RMS below).
 """
 
 import json
@@ -39,9 +40,16 @@ GOLDEN = {
     'real/predict': [0.016426719716, 0.0197505903039, -0.0102322898112, -0.00912392932673, -0.00454032218994, 0.00642879078181],
     'demo/weights': [0.0164513857095, 0.366837760957, 0.218998108203, -0.421599573953, 0.390586886503, -0.162734083767],
     'demo/metrics': [1.89250948482, 7.97555502975, 0.478724383761, -6.48655201109, 3.85972669333, -9.70664824362],
+    'demo/prior': [0.166767725105, 11.7278230594, -17.6456584374, 18.9534841329, 7.37939565514, -6.92034621941],
     'table/rows': [1.39087640774, 6.12201673696, 8.09763144698, 9.24919114961, -3.10967411327, -2.19186875578],
 }
 RTOL = 1e-5
+# The demo's recipe (lr 3e-3, Adam, a gate that starts at zero) turns the last bits of its prior's float64 solve,
+# which another CPU's LAPACK may change, into more: nudging every entry of the float32 map by one ulp moves
+# demo/weights by 1e-3 x rms and demo/metrics by 3e-5 x rms (measured 2026-12-08; a CPU of that day was off the
+# pins by 2e-4 and 2e-5). Those two keys are pinned at about 3x that, which a small change of training can pass
+# (a first step at 0.75 lr instead of 0.5 did); the map itself (demo/prior) and every other key at RTOL.
+ATOL_X_RMS = {"demo/weights": 3e-3, "demo/metrics": 1e-4}
 
 
 def fingerprint(values) -> list[float]:
@@ -84,7 +92,7 @@ def assert_pinned(got: list[float], key: str) -> None:
         print(f"    {key!r}: {got!r},")
         return
     pinned = np.array(GOLDEN[key])
-    np.testing.assert_allclose(got, pinned, rtol=RTOL, atol=RTOL * pinned[1], err_msg=key)
+    np.testing.assert_allclose(got, pinned, rtol=RTOL, atol=ATOL_X_RMS.get(key, RTOL) * pinned[1], err_msg=key)
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +144,10 @@ def golden_demo(tmp_path_factory, one_thread):
                        "--exposure", "2", "--warmup", "2", "--device", "cpu", "--out", str(run)]) == 0
     assert train.main(["eval", "--ckpt", str(run / "last.pt"), "--out", str(tmp / "eval"), "--seeds", "2",
                        "--device", "cpu"]) == 0
+    prior = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["model"]["prior"]
     return {"demo/weights": _weights(run / "last.pt"),
-            "demo/metrics": _metrics(json.loads((tmp / "eval" / "metrics.json").read_text()))}
+            "demo/metrics": _metrics(json.loads((tmp / "eval" / "metrics.json").read_text())),
+            "demo/prior": fingerprint(prior.double().ravel().numpy())}
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +174,7 @@ def test_fit_eval_and_predict_on_real_crops_compute_the_pinned_values(golden_rea
     assert_pinned(golden_real[key], key)
 
 
-@pytest.mark.parametrize("key", ["demo/weights", "demo/metrics"])
+@pytest.mark.parametrize("key", ["demo/weights", "demo/metrics", "demo/prior"])
 def test_the_recipe_on_the_demo_scenes_computes_the_pinned_values(golden_demo, key):
     assert_pinned(golden_demo[key], key)
 
