@@ -453,8 +453,8 @@ def evaluate(ckpt_path: str | Path, out: str | Path, root: str | None = None, sc
         entry["bands"]["true_mean"] = target.mean((1, 2)).tolist()
         for line in band_warnings(name, entry["bands"]):
             print(line)
+        rgb = cameras.rgb_from_hsi(hsi, srf.numpy()).reshape(-1, 3)  # (H*W, 3), what every baseline reads
         for base_key, (_, baseline) in baselines.items():
-            rgb = cameras.rgb_from_hsi(hsi, srf.numpy()).reshape(-1, 3)
             base = torch.from_numpy(baseline(rgb).reshape(hsi.shape)).permute(2, 0, 1).float()
             entry[base_key] = metrics(base.clamp(0, 1), target)
             baseline_all[base_key].append(entry[base_key])

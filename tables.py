@@ -177,6 +177,12 @@ def table_markdown(result: dict) -> str:
     return "\n".join(lines + fold_lines(result["rows"], cell)) + "\n"
 
 
+def classical(report: dict) -> dict | None:
+    """An eval's first classical baseline in BASELINES' order (the labels' own regression before the library's
+    map), or None."""
+    return next((report[k] for k in BASELINES if k in report), None)
+
+
 def fold_lines(rows: list[dict], cell: Callable) -> list[str]:
     """With --folds: PSNR per test scene, each row's (over its seeds) beside the classical baseline of the
     first row's runs on that fold (the regression on that row's labels, "-" where it has none); none without
@@ -189,7 +195,7 @@ def fold_lines(rows: list[dict], cell: Callable) -> list[str]:
              + f" | {first} |", "|" + "---|" * (len(rows) + 2)]
     for scene in scenes:
         runs = [[r["report"] for r in row["runs"] if r["fold"] == scene] for row in rows]
-        base = [r[next(k for k in BASELINES if k in r)]["psnr"]["mean"] for r in runs[0] if BASELINES.keys() & r.keys()]
+        base = [b["psnr"]["mean"] for b in map(classical, runs[0]) if b is not None]
         lines.append(f"| {scene} | " + " | ".join(cell([r["overall"]["psnr"]["mean"] for r in reports]) for reports in runs)
                      + f" | {cell(base) if base else '-'} |")
     return lines

@@ -71,3 +71,6 @@ def test_folds_hold_each_scene_out_in_turn_and_never_train_validate_or_fit_the_p
             assert Path(r["report"]["checkpoint"]) == run / "best.pt"
     md = (out / "table.md").read_text()
     assert "PSNR per fold" in md and all(f"| demo_0{i} |" in md for i in range(2))
+    for r in result["rows"][0]["runs"]:  # the last column: the first row's regression on its own labels
+        line = next(x for x in md.splitlines() if x.startswith(f"| {r['fold']} |"))
+        assert line.split("|")[-2].strip() == f"{r['report']['root_poly_baseline']['psnr']['mean']:.4g}"
